@@ -1,0 +1,92 @@
+"""Grouped matrix multiplies over contiguous row segments ("jagged" groups), one call for all groups.
+
+Rows of the left operand are sorted by group (expert) and group g owns rows
+``offs[g-1]:offs[g]``. Two forms are needed by a grouped LoRA forward and backward:
+
+- :func:`gmm`        a (M, K) x b (G, K, P)  -> (M, P):    row block g times b[g]
+- :func:`gmm_wgrad`  a (M, K), b (M, P)      -> (G, K, P): sum over the rows of block g of a^T b
+
+Both use ``torch.nn.functional.grouped_mm`` (one kernel, CPU and CUDA) where this torch has it
+and the operands meet its layout rules (16-byte aligned strides), and otherwise a padded
+``bmm`` over a (G, C, K) buffer (C = largest group), which is also the reference that the
+tests compare against. Neither form loops over groups in Python.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16:
+            return False
+        for stride, dim in zip(t.stride(), t.shape):
+            if dim > 1 and stride != 1 and (stride * size) % 16:
+                return False
+    return True
+
+
+def _row_slots(offs: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M,) group of each row and (M,) position of each row inside its group."""
+    ends = offs.long()
+    group = torch.bucketize(torch.arange(num_rows, device=offs.device), ends, right=True)  # (M,)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])  # (G,)
+    return group, torch.arange(num_rows, device=offs.device) - starts[group]
+
+
+def _to_padded(a: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, num_groups: int, capacity: int):
+    buf = a.new_zeros(num_groups, capacity, a.shape[-1])  # (G, C, K)
+    buf[group, slot] = a
+    return buf
+
+
+def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, use_kernel: bool = True) -> torch.Tensor:
+    """Grouped a @ b[g] for each row block g.
+
+    Args:
+        a: (M, K) rows sorted by group.
+        b: (G, K, P) one matrix per group.
+        offs: (G,) int32 cumulative row counts (end of each group); offs[-1] == M.
+        use_kernel: use ``F.grouped_mm`` where possible (False forces the padded-bmm path).
+
+    Returns:
+        (M, P) in a's dtype.
+    """
+    num_rows, num_groups = a.shape[0], b.shape[0]
+    if num_rows == 0:
+        return a.new_zeros(0, b.shape[-1])
+    if use_kernel and _HAS_GROUPED_MM and a.dtype == b.dtype and _aligned(a, b):
+        return F.grouped_mm(a, b, offs=offs)
+    group, slot = _row_slots(offs, num_rows)
+    capacity = int(slot.max()) + 1
+    out = torch.bmm(_to_padded(a, group, slot, num_groups, capacity), b)  # (G, C, P)
+    return out[group, slot]
+
+
+def gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, use_kernel: bool = True) -> torch.Tensor:
+    """Per-group a[rows of g]^T @ b[rows of g], the weight gradient of :func:`gmm`.
+
+    Args:
+        a: (M, K) rows sorted by group.
+        b: (M, P) rows sorted the same way.
+        offs: (G,) int32 cumulative row counts.
+
+    Returns:
+        (G, K, P); zeros for groups with no rows.
+    """
+    num_rows, num_groups = a.shape[0], offs.shape[0]
+    if num_rows == 0:
+        return a.new_zeros(num_groups, a.shape[-1], b.shape[-1])
+    a_t = a.t()  # (K, M)
+    if use_kernel and _HAS_GROUPED_MM and a.dtype == b.dtype and _aligned(a_t, b):
+        return F.grouped_mm(a_t, b, offs=offs)
+    group, slot = _row_slots(offs, num_rows)
+    capacity = int(slot.max()) + 1
+    pa = _to_padded(a, group, slot, num_groups, capacity)  # (G, C, K)
+    pb = _to_padded(b, group, slot, num_groups, capacity)  # (G, C, P)
+    return torch.bmm(pa.transpose(1, 2), pb)  # (G, K, P)

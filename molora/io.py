@@ -1,0 +1,195 @@
+"""Saving and loading MoLoRA adapters: safetensors + JSON only (no pickle), atomic writes.
+
+A saved adapter is a folder with
+
+- ``molora_config.json``: {"molora_version", "config" (MoLoRAConfig), "base_model_name_or_path",
+  "modules": {name: {"in_features", "out_features", "fan_in_fan_out"}}, "modules_to_save": [...],
+  "tensors": {key: shape}}
+- ``molora_model.safetensors``: ``{name}.lora_A`` (N, r, in), ``{name}.lora_B`` (N, out, r),
+  ``{name}.router.<param>`` for every MoLoRA layer, and the parameters of modules_to_save
+  under their qualified names.
+
+Loading checks the base model (module names, shapes) and the tensor file (keys, shapes)
+against the metadata before the base model is touched, and says exactly what does not fit.
+Each file is written to a temporary file in the same folder and renamed over the old one,
+so an interrupted save never leaves a truncated file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from molora.config import MoLoRAConfig
+from molora.inject import find_modules_to_save, find_target_modules
+from molora.layer import linear_shape
+
+if TYPE_CHECKING:
+    from molora.model import MoLoRAModel
+
+CONFIG_NAME = "molora_config.json"
+WEIGHTS_NAME = "molora_model.safetensors"
+
+
+def _atomic_write(path: str | os.PathLike, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to ``path`` through a temporary file and a rename."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic_write(path, write)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` through a temporary file and a rename."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def base_model_name(model: torch.nn.Module) -> str | None:
+    """The name or path the base model was loaded from, if transformers recorded it."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def adapter_state_dict(model: MoLoRAModel) -> dict[str, torch.Tensor]:
+    """The tensors a MoLoRA adapter consists of, keyed as in ``molora_model.safetensors``."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in model.molora_layers().items():
+        state[f"{name}.lora_A"] = layer.lora_A
+        state[f"{name}.lora_B"] = layer.lora_B
+        for pname, param in layer.router.named_parameters():
+            state[f"{name}.router.{pname}"] = param
+    for name in model.modules_to_save:
+        for pname, param in model.base_model.get_submodule(name).named_parameters():
+            state[f"{name}.{pname}"] = param
+    return state
+
+
+def save_molora(model: MoLoRAModel, save_directory: str | os.PathLike) -> None:
+    """Write the adapter of ``model`` to ``save_directory`` (see module docstring)."""
+    from molora import __version__
+
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"`save_directory` {str(directory)!r} exists and is not a folder")
+    state = adapter_state_dict(model)
+    meta: dict[str, Any] = {
+        "molora_version": __version__,
+        "config": model.molora_config.to_dict(),
+        "base_model_name_or_path": base_model_name(model.base_model),
+        "modules": {
+            name: {"in_features": l.in_features, "out_features": l.out_features, "fan_in_fan_out": l.fan_in_fan_out}
+            for name, l in model.molora_layers().items()
+        },
+        "modules_to_save": list(model.modules_to_save),
+        "tensors": {k: list(v.shape) for k, v in state.items()},
+    }
+    atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "library": "molora"})
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and sanity-check ``molora_config.json`` of a saved adapter folder."""
+    config_path = Path(path) / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no MoLoRA adapter at {str(path)!r}: {CONFIG_NAME} is missing")
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    for key in ("config", "modules", "tensors"):
+        if key not in meta:
+            raise ValueError(f"{config_path} has no {key!r} entry; the checkpoint is corrupt or not a MoLoRA adapter")
+    return meta
+
+
+def _diff(expected: dict[str, Any], found: dict[str, Any], what: str) -> list[str]:
+    problems = []
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"{what} missing: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    if extra:
+        problems.append(f"{what} unexpected: {extra[:10]}{' ...' if len(extra) > 10 else ''}")
+    for key in sorted(set(expected) & set(found)):
+        if expected[key] != found[key]:
+            problems.append(f"{what} {key!r}: saved {expected[key]}, found {found[key]}")
+    return problems
+
+
+def load_molora(cls, base_model: torch.nn.Module, path: str | os.PathLike, *, is_trainable: bool = False) -> MoLoRAModel:
+    """Validate a saved adapter against ``base_model``, then inject and load it."""
+    path = Path(path)
+    meta = read_metadata(path)
+    config = MoLoRAConfig.from_dict(meta["config"])
+    weights_path = path / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"no MoLoRA weights at {str(path)!r}: {WEIGHTS_NAME} is missing")
+
+    # 1. the base model must have the same target layers with the same shapes
+    names = find_target_modules(base_model, config.target_modules)
+    found = {}
+    for name in names:
+        in_f, out_f, fifo = linear_shape(base_model.get_submodule(name))
+        found[name] = {"in_features": in_f, "out_features": out_f, "fan_in_fan_out": fifo}
+    problems = _diff(meta["modules"], found, "base model layer")
+    to_save = find_modules_to_save(base_model, config.modules_to_save)
+    if sorted(to_save) != sorted(meta.get("modules_to_save", [])):
+        problems.append(f"modules_to_save: saved {meta.get('modules_to_save')}, found {to_save}")
+    # 2. the tensor file must hold exactly the recorded tensors
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            file_shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{weights_path} is not a readable safetensors file ({e}); the checkpoint is corrupt") from e
+    problems += _diff(meta["tensors"], file_shapes, "tensor")
+    for name in to_save:
+        for pname, param in base_model.get_submodule(name).named_parameters():
+            key = f"{name}.{pname}"
+            if key in file_shapes and file_shapes[key] != list(param.shape):
+                problems.append(f"modules_to_save tensor {key!r}: saved {file_shapes[key]}, base model has {list(param.shape)}")
+    if problems:
+        raise ValueError(
+            f"the MoLoRA adapter at {str(path)!r} does not fit this {type(base_model).__name__} "
+            "(nothing was loaded):\n  - " + "\n  - ".join(problems)
+        )
+
+    # 3. build and assign
+    model = cls(base_model, config)
+    state = adapter_state_dict(model)
+    problems = _diff({k: list(v.shape) for k, v in state.items()}, file_shapes, "tensor")
+    if problems:  # the config builds a different adapter than the one saved
+        model.unload()
+        raise ValueError(f"the MoLoRA adapter at {str(path)!r} does not match its config:\n  - " + "\n  - ".join(problems))
+    with safe_open(weights_path, framework="pt") as f, torch.no_grad():
+        for key, param in state.items():
+            param.copy_(f.get_tensor(key))
+    if not is_trainable:
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return model

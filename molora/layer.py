@@ -1,0 +1,184 @@
+"""MoLoRALinear: a frozen linear layer plus N stacked LoRA experts and a router.
+
+    y = W0 x + b + s * sum_i G_i(z) * B_i (A_i dropout(x))        (DESIGN §1)
+
+Wraps ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2, whose weight is stored (in, out)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from molora.experts import resolve_impl
+from routers import RouterOutput
+
+try:  # transformers' Conv1D (GPT-2 family); optional so the layer also works on plain torch models
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None
+
+
+@dataclass
+class RoutingContext:
+    """Per-model routing inputs that are not layer inputs, shared by all its MoLoRA layers.
+
+    The model sets ``task_ids`` (batch,) at every forward/generate; layers expand them to
+    one id per token. They persist until the next call, so that the recomputation of
+    gradient checkpointing (which runs during backward) sees the same task ids.
+    """
+
+    task_ids: torch.Tensor | None = None
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of an nn.Linear or a transformers Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if Conv1D is not None and isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
+        return in_features, out_features, True
+    raise TypeError(
+        f"MoLoRA wraps nn.Linear and transformers' Conv1D, got {type(module).__name__}; "
+        "narrow `target_modules` to linear layers"
+    )
+
+
+class MoLoRALinear(nn.Module):
+    """A frozen base linear layer with N LoRA experts mixed by a router.
+
+    Attributes:
+        base_layer: the original module (frozen).
+        lora_A: (N, r, in) expert down-projections, Kaiming-uniform as LoRA.
+        lora_B: (N, out, r) expert up-projections, zero at init (the layer equals its base).
+        router: a ``routers`` module returning a RouterOutput.
+        scaling: s = lora_alpha / r (or / sqrt(r) with rsLoRA).
+        last_routing: RouterOutput of the latest forward (None before the first).
+
+    Args:
+        base_layer: nn.Linear or transformers Conv1D.
+        num_experts: N.
+        r: rank of each expert.
+        lora_alpha: scaling numerator.
+        router: the router module (see ``routers.build_router``).
+        lora_dropout: dropout probability on the experts' input.
+        use_rslora: s = lora_alpha / sqrt(r).
+        expert_impl: name in ``molora.experts.EXPERT_IMPLS`` or "auto".
+        adapter_dtype: dtype of lora_A / lora_B; None keeps float32.
+        routing_context: shared per-model routing inputs (task ids); a private one if None.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        num_experts: int,
+        r: int,
+        lora_alpha: float,
+        router: nn.Module,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        expert_impl: str = "auto",
+        adapter_dtype: torch.dtype | None = None,
+        routing_context: RoutingContext | None = None,
+    ):
+        super().__init__()
+        in_features, out_features, fan_in_fan_out = linear_shape(base_layer)
+        if r < 1 or num_experts < 1:
+            raise ValueError(f"`r` and `num_experts` must be >= 1, got r={r}, num_experts={num_experts}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = fan_in_fan_out
+        self.num_experts, self.r = num_experts, r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.router = router
+        self.expert_impl = expert_impl
+        resolve_impl(expert_impl, sparse=True)  # fail fast on a bad name
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.routing_context = routing_context if routing_context is not None else RoutingContext()
+        self.disabled = False
+        self.last_routing: RouterOutput | None = None
+
+        device = base_layer.weight.device
+        dtype = adapter_dtype or torch.float32
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, r, device=device, dtype=dtype))
+        self.reset_lora_parameters()
+        self.router.to(device)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """A_i ~ Kaiming-uniform(a=sqrt(5)) over fan_in = in (as nn.Linear and PEFT), B_i = 0."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.lora_A.uniform_(-bound, bound)
+        self.lora_B.zero_()
+
+    def token_task_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(T,) task id of every token of x (..., in), from the model's (batch,) task ids.
+
+        Handles batch expansion by generation (beams, num_return_sequences), which repeats
+        each sequence consecutively.
+        """
+        task_ids = self.routing_context.task_ids
+        if task_ids is None:
+            return None
+        batch = x.shape[0] if x.dim() > 1 else 1
+        if batch % task_ids.shape[0]:
+            raise ValueError(
+                f"`task_ids` has {task_ids.shape[0]} entries but the layer input has batch size {batch}; "
+                "pass one task id per sequence"
+            )
+        per_sequence = task_ids.to(x.device).repeat_interleave(batch // task_ids.shape[0])  # (batch,)
+        tokens_per_sequence = x[..., 0].numel() // batch
+        return per_sequence.repeat_interleave(tokens_per_sequence)  # (T,)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with last dim {self.in_features}, got shape {tuple(x.shape)}")
+        tokens = x.reshape(-1, self.in_features)  # (T, in)
+        routing = self.router(tokens, self.token_task_ids(x))
+        self.last_routing = routing
+        compute_dtype = _compute_dtype(tokens)
+        expert_fn = resolve_impl(self.expert_impl, sparse=routing.indices is not None)
+        delta = expert_fn(
+            self.lora_dropout(tokens).to(compute_dtype),
+            self.lora_A.to(compute_dtype),
+            self.lora_B.to(compute_dtype),
+            routing.weights,
+            routing.indices,
+            self.scaling,
+        )  # (T, out)
+        return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
+
+    def delta_weight(self, weights: torch.Tensor) -> torch.Tensor:
+        """dW = s * sum_i w_i B_i A_i, shape (out, in) (nn.Linear's orientation), float32.
+
+        Args:
+            weights: (N,) static gates.
+        """
+        if weights.shape != (self.num_experts,):
+            raise ValueError(f"`weights` must have shape ({self.num_experts},), got {tuple(weights.shape)}")
+        w = weights.to(self.lora_B.device, torch.float32)
+        scaled_b = self.lora_B.float() * (w * self.scaling)[:, None, None]  # (N, out, r)
+        return torch.einsum("nor,nri->oi", scaled_b, self.lora_A.float())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+            f"r={self.r}, scaling={self.scaling:g}, expert_impl={self.expert_impl!r}"
+        )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype

@@ -1,0 +1,278 @@
+"""MoLoRAModel: the wrapper users hold (forward/generate with task ids, losses, stats, I/O)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import types
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from molora.config import MoLoRAConfig
+from molora.inject import inject_molora, unload_molora
+from molora.layer import MoLoRALinear, RoutingContext
+from molora.losses import load_balancing_loss, router_z_loss
+
+
+class MoLoRAModel(nn.Module):
+    """A transformers (or any torch) model whose target linear layers carry LoRA experts.
+
+    Build it with :func:`get_molora_model`. Like PEFT, building injects into the given model
+    in place (its target layers are replaced, its parameters frozen); :meth:`unload` gives the
+    original model back. Attributes the wrapper does not define (``config``,
+    ``generation_config``, ``device``, ...) are looked up on the base model, so the wrapper
+    drops into ``transformers.Trainer`` and ``generate`` code; the MoLoRA configuration is
+    ``molora_config``.
+
+    Args:
+        base_model: the model to wrap.
+        config: a :class:`MoLoRAConfig`.
+    """
+
+    def __init__(self, base_model: nn.Module, config: MoLoRAConfig):
+        super().__init__()
+        if not isinstance(config, MoLoRAConfig):
+            raise TypeError(f"`config` must be a MoLoRAConfig, got {type(config).__name__}")
+        requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
+        self.routing_context = RoutingContext()
+        layers, to_save = inject_molora(base_model, config, self.routing_context)
+        self.base_model = base_model
+        self.molora_config = config
+        self.modules_to_save = to_save
+        self._layer_names = list(layers)
+        self._original_requires_grad = requires_grad
+        self._token_mask: torch.Tensor | None = None
+        self.track_routing_stats = True
+        self.reset_routing_stats()
+        self.forward = types.MethodType(_with_signature(type(self).forward, base_model), self)
+
+    # ------------------------------------------------------------------ access
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def molora_layers(self) -> dict[str, MoLoRALinear]:
+        """{qualified name inside ``base_model``: MoLoRALinear}, in model order."""
+        return {name: self.base_model.get_submodule(name) for name in self._layer_names}
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    # ------------------------------------------------------------------ running
+    def _set_routing(self, task_ids: torch.Tensor | list[int] | int | None) -> None:
+        if task_ids is not None:
+            task_ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
+        if self.molora_config.router == "task" and task_ids is None:
+            raise ValueError("this model routes by task (router='task'): pass `task_ids` of shape (batch,)")
+        self.routing_context.task_ids = task_ids
+
+    def forward(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
+        """Run the base model with MoLoRA routing.
+
+        Args:
+            *args, **kwargs: the base model's arguments (input_ids, attention_mask, labels, ...).
+            task_ids: (batch,) task id of each sequence; required by the task router,
+                recorded for per-task statistics otherwise.
+
+        Returns:
+            The base model's output; when it holds a ``loss``, ``router_aux_loss_coef * aux +
+            router_z_loss_coef * z`` has been added to it (as Mixtral does).
+        """
+        self._set_routing(task_ids)
+        self._token_mask = kwargs.get("attention_mask")
+        out = self.base_model(*args, **kwargs)
+        if self.track_routing_stats:
+            self._update_routing_stats()
+        loss = getattr(out, "loss", None) if not isinstance(out, tuple) else None
+        cfg = self.molora_config
+        if loss is not None and (cfg.router_aux_loss_coef > 0 or cfg.router_z_loss_coef > 0):
+            if cfg.router_aux_loss_coef > 0:
+                loss = loss + cfg.router_aux_loss_coef * self.aux_loss().to(loss.dtype)
+            if cfg.router_z_loss_coef > 0:
+                loss = loss + cfg.router_z_loss_coef * self.z_loss().to(loss.dtype)
+            out.loss = loss
+        return out
+
+    @torch.no_grad()
+    def generate(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
+        """``base_model.generate`` with the given (batch,) task ids, KV cache included."""
+        self._set_routing(task_ids)
+        self._token_mask = None
+        try:
+            return self.base_model.generate(*args, **kwargs)
+        finally:
+            self._token_mask = None
+
+    @contextmanager
+    def disable_adapters(self):
+        """Run the plain base model inside this context (experts and routers bypassed)."""
+        layers = list(self.molora_layers().values())
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        """Enable the base model's gradient checkpointing; inputs require grad so that
+        reentrant checkpointing still reaches the experts behind frozen embeddings."""
+        self.base_model.gradient_checkpointing_enable(**kwargs)
+        if hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
+
+    # ------------------------------------------------------------------ losses
+    def _layer_mask(self, num_tokens: int) -> torch.Tensor | None:
+        """(T,) non-padding mask aligned with a layer's T tokens, when it can be aligned."""
+        mask = self._token_mask
+        if mask is None or mask.dim() != 2:
+            return None
+        batch = mask.shape[0]
+        if num_tokens % batch or mask.shape[1] < num_tokens // batch:
+            return None
+        return mask[:, -(num_tokens // batch) :].reshape(-1)
+
+    def _routings(self):
+        for name, layer in self.molora_layers().items():
+            if layer.last_routing is not None:
+                yield name, layer.last_routing
+
+    def aux_loss(self) -> torch.Tensor:
+        """Mean over MoLoRA layers of the load-balancing loss of the last forward (DESIGN §5)."""
+        losses = [
+            load_balancing_loss(r.logits, r.indices, self._layer_mask(r.num_tokens)) for _, r in self._routings()
+        ]
+        if not losses:
+            raise RuntimeError("aux_loss() needs a forward pass first")
+        return torch.stack(losses).mean()
+
+    def z_loss(self) -> torch.Tensor:
+        """Mean over MoLoRA layers of the router z-loss of the last forward (DESIGN §5)."""
+        losses = [router_z_loss(r.logits, self._layer_mask(r.num_tokens)) for _, r in self._routings()]
+        if not losses:
+            raise RuntimeError("z_loss() needs a forward pass first")
+        return torch.stack(losses).mean()
+
+    # ------------------------------------------------------------------ statistics
+    def reset_routing_stats(self) -> None:
+        self._stats: dict[str, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def _update_routing_stats(self) -> None:
+        for name, routing in self._routings():
+            mask = self._layer_mask(routing.num_tokens)
+            weights = routing.weights if mask is None else routing.weights[mask.to(routing.weights.device).bool()]
+            selected = (weights > 0).float()  # (T, N)
+            stats = self._stats.setdefault(
+                name, {"tokens": torch.zeros((), device=weights.device), "load": 0, "gates": 0}
+            )
+            stats["tokens"] = stats["tokens"] + weights.shape[0]
+            stats["load"] = stats["load"] + selected.sum(0)
+            stats["gates"] = stats["gates"] + weights.sum(0)
+
+    def routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-layer expert load over the forwards since the last ``reset_routing_stats()``.
+
+        Returns:
+            {layer name: {"load": (N,) fraction of real tokens routed to each expert (sums
+            to k), "gates": (N,) mean gate weight per expert (sums to 1), "tokens": count}}.
+        """
+        out = {}
+        for name, s in self._stats.items():
+            tokens = s["tokens"].clamp(min=1)
+            out[name] = {"load": (s["load"] / tokens).cpu(), "gates": (s["gates"] / tokens).cpu(), "tokens": int(s["tokens"])}
+        return out
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def unload(self) -> nn.Module:
+        """Remove the MoLoRA layers and return the base model as it was before injection."""
+        model = unload_molora(self.base_model)
+        for name, param in model.named_parameters():
+            param.requires_grad_(self._original_requires_grad.get(name, param.requires_grad))
+        self._layer_names = []
+        return model
+
+    # ------------------------------------------------------------------ I/O and export
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write ``molora_config.json`` and ``molora_model.safetensors`` (atomically)."""
+        from molora.io import save_molora
+
+        save_molora(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False) -> MoLoRAModel:
+        """Rebuild a saved MoLoRA model on ``base_model``, after checking that they fit.
+
+        Args:
+            base_model: the same architecture the adapter was trained on.
+            path: a folder written by :meth:`save_pretrained`.
+            is_trainable: keep the adapter trainable; otherwise the model is put in eval
+                mode with every parameter frozen (as PEFT).
+        """
+        from molora.io import load_molora
+
+        return load_molora(cls, base_model, path, is_trainable=is_trainable)
+
+    def export_merged_adapter(self, path: str | os.PathLike, **kwargs) -> dict:
+        """Collapse the experts into one PEFT LoRA adapter (see :mod:`molora.export`)."""
+        from molora import export
+
+        return export.export_merged_adapter(self, path, **kwargs)
+
+    def merge_and_unload(self, **kwargs) -> nn.Module:
+        """Fold s * sum_i w_i B_i A_i into the base weights; return the plain base model."""
+        from molora import export
+
+        return export.merge_and_unload(self, **kwargs)
+
+    @classmethod
+    def from_lora_adapters(cls, base_model: nn.Module, paths: list[str | os.PathLike], config: MoLoRAConfig) -> MoLoRAModel:
+        """Build a MoLoRA model whose expert i starts as the PEFT LoRA adapter ``paths[i]``."""
+        from molora import from_peft
+
+        return from_peft.from_lora_adapters(base_model, paths, config)
+
+
+def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
+    """Wrap ``model`` into a MoLoRAModel (injects in place, as PEFT's get_peft_model)."""
+    return MoLoRAModel(model, config)
+
+
+def _with_signature(forward, base_model: nn.Module):
+    """A copy of ``forward`` whose signature lists the base model's named arguments plus
+    ``task_ids``, so signature-inspecting callers (HF Trainer's column pruning) keep them."""
+    func = types.FunctionType(forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__)
+    func.__kwdefaults__ = forward.__kwdefaults__
+    func.__doc__ = forward.__doc__
+    try:
+        base_params = inspect.signature(base_model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return func
+    kept = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p
+        for p in base_params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)]
+    params += [p for p in kept if p.name != "task_ids"]
+    params += [inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)]
+    params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+    func.__signature__ = inspect.Signature(params)
+    return func

@@ -1,0 +1,88 @@
+"""The router contract: :class:`RouterOutput` and the shared softmax / top-k math.
+
+Every router is an ``nn.Module`` with attributes ``num_experts`` and ``top_k`` (``None`` for
+dense routing) whose ``forward(x, task_ids=None)`` takes ``x`` of shape (T, in) and
+``task_ids`` of shape (T,) and returns a :class:`RouterOutput`. Router math runs in float32
+whatever the input dtype, so that bf16/fp16 models route stably.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RouterOutput:
+    """What a router returns for T tokens and N experts.
+
+    Attributes:
+        logits: (T, N) float32 router logits.
+        weights: (T, N) float32 dense combine weights G: zeros outside the chosen experts.
+        indices: (T, k) int64 chosen experts for sparse routing, ``None`` for dense routing.
+    """
+
+    logits: torch.Tensor
+    weights: torch.Tensor
+    indices: torch.Tensor | None = None
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """(T, N) float32 softmax of the logits over all N experts."""
+        return torch.softmax(self.logits, dim=-1)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.logits.shape[0]
+
+    def detach(self) -> RouterOutput:
+        return RouterOutput(
+            self.logits.detach(),
+            self.weights.detach(),
+            None if self.indices is None else self.indices.detach(),
+        )
+
+
+def check_finite(logits: torch.Tensor, name: str) -> None:
+    """Raise if router logits hold NaN or inf (called only in debug mode: it syncs the device)."""
+    if not torch.isfinite(logits).all():
+        bad = (~torch.isfinite(logits)).sum().item()
+        raise FloatingPointError(
+            f"{name}: {bad} router logits are NaN or inf; routing would be silently wrong. "
+            "Check the learning rate, the input scale, or run the router in float32."
+        )
+
+
+def route_topk(logits: torch.Tensor, top_k: int | None) -> RouterOutput:
+    """Softmax routing, optionally restricted to the top-k experts and renormalized.
+
+    weights[t, S_t] = p[t, S_t] / sum(p[t, S_t]), 0 elsewhere (DESIGN §4), where p is the
+    softmax over all N. With ``top_k`` None or equal to N this is plain softmax routing.
+
+    Args:
+        logits: (T, N) float32 logits.
+        top_k: number of experts per token, or ``None`` for all.
+
+    Returns:
+        RouterOutput with dense (T, N) weights and (T, k) indices (``None`` when dense).
+    """
+    num_experts = logits.shape[-1]
+    probs = torch.softmax(logits, dim=-1)  # (T, N)
+    if top_k is None or top_k >= num_experts:
+        return RouterOutput(logits=logits, weights=probs, indices=None)
+    top_p, indices = probs.topk(top_k, dim=-1)  # (T, k), (T, k)
+    top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+    weights = torch.zeros_like(probs).scatter(-1, indices, top_p)  # (T, N)
+    return RouterOutput(logits=logits, weights=weights, indices=indices)
+
+
+def check_top_k(top_k: int | None, num_experts: int, *, allow_none: bool) -> None:
+    if num_experts < 1:
+        raise ValueError(f"`num_experts` must be >= 1, got {num_experts}")
+    if top_k is None:
+        if not allow_none:
+            raise ValueError(f"`top_k` must be an int in [1, num_experts={num_experts}], got None")
+        return
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"`top_k` must be in [1, num_experts={num_experts}], got {top_k!r}")

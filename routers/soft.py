@@ -1,0 +1,49 @@
+"""SoftRouter: dense softmax gating over all experts (each token uses every expert)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from routers.base import RouterOutput, check_finite, route_topk
+
+
+class SoftRouter(nn.Module):
+    """logits = W_g x; weights = softmax(logits) over all N experts (DESIGN §4).
+
+    The gate weight is kept in float32 whatever the model dtype: routing decisions are
+    sensitive to rounding, and the gate is tiny (N x in).
+
+    Args:
+        in_features: size of the token representation x.
+        num_experts: N.
+        init_std: std of the normal init of the gate (Mixtral uses the model's
+            initializer range, 0.02).
+        debug: raise on NaN/inf logits instead of routing silently.
+    """
+
+    top_k: int | None = None
+
+    def __init__(self, in_features: int, *, num_experts: int, init_std: float = 0.02, debug: bool = False):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"`num_experts` must be >= 1, got {num_experts}")
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.debug = debug
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, dtype=torch.float32))  # (N, in)
+        nn.init.normal_(self.weight, std=init_std)
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, in) -> (T, N) float32 logits."""
+        logits = F.linear(x.float(), self.weight.float())  # (T, N)
+        if self.debug:
+            check_finite(logits, type(self).__name__)
+        return logits
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RouterOutput:
+        return route_topk(self.compute_logits(x), None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_experts={self.num_experts}"

@@ -1,0 +1,50 @@
+"""TopKRouter: each token uses its k most probable experts, renormalized (Mixtral-style)."""
+
+from __future__ import annotations
+
+import torch
+
+from routers.base import RouterOutput, check_top_k, route_topk
+from routers.soft import SoftRouter
+
+
+class TopKRouter(SoftRouter):
+    """logits = W_g x (+ jitter in training); top-k of the softmax, renormalized (DESIGN §4).
+
+    ``top_k == num_experts`` gives exactly the SoftRouter's weights.
+
+    Args:
+        in_features: size of the token representation x.
+        num_experts: N.
+        top_k: experts per token, in [1, N].
+        jitter_noise: multiplicative input jitter in training, x * U(1 - eps, 1 + eps)
+            (Switch Transformer §2.4, as in transformers' Mixtral); 0 disables it.
+        init_std: std of the normal init of the gate.
+        debug: raise on NaN/inf logits.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        num_experts: int,
+        top_k: int,
+        jitter_noise: float = 0.0,
+        init_std: float = 0.02,
+        debug: bool = False,
+    ):
+        super().__init__(in_features, num_experts=num_experts, init_std=init_std, debug=debug)
+        check_top_k(top_k, num_experts, allow_none=False)
+        if not 0.0 <= jitter_noise < 1.0:
+            raise ValueError(f"`jitter_noise` must be in [0, 1), got {jitter_noise}")
+        self.top_k = top_k
+        self.jitter_noise = jitter_noise
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RouterOutput:
+        if self.training and self.jitter_noise > 0:
+            noise = torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            x = x * noise
+        return route_topk(self.compute_logits(x), self.top_k)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, top_k={self.top_k}, jitter_noise={self.jitter_noise}"
