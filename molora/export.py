@@ -43,6 +43,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from molora.io import base_model_name
+
 __all__ = [
     "MergedFactors",
     "cat_factors",
@@ -233,7 +235,7 @@ def _is_by_task(weights: Any) -> bool:
 
 
 def _task_names(model: nn.Module) -> list[str] | None:
-    names = getattr(getattr(model, "config", None), "task_names", None)
+    names = getattr(getattr(model, "molora_config", None), "task_names", None)
     return list(names) if names else None
 
 
@@ -487,11 +489,6 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
         raise
 
 
-def _base_name_or_path(base: nn.Module) -> str | None:
-    name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
-    return name or None
-
-
 def _peft_task_type(base: nn.Module) -> str | None:
     cls = type(base).__name__
     return "CAUSAL_LM" if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel") else None
@@ -505,7 +502,11 @@ def _peft_target_modules(base: nn.Module, names: list[str]) -> list[str]:
 
 
 def peft_adapter_config(
-    base: nn.Module, ranks: Mapping[str, int], *, fan_in_fan_out: bool, dropout: float = 0.0
+    base: nn.Module,
+    ranks: Mapping[str, int],
+    *,
+    fan_in_fan_out: bool,
+    modules_to_save: list[str] | None = None,
 ) -> dict[str, Any]:
     """PEFT ``adapter_config.json`` content for per-module ``ranks`` with PEFT scaling 1.
 
@@ -517,7 +518,7 @@ def peft_adapter_config(
     return {
         "peft_type": "LORA",
         "task_type": _peft_task_type(base),
-        "base_model_name_or_path": _base_name_or_path(base),
+        "base_model_name_or_path": base_model_name(base),
         "r": common,
         "lora_alpha": common,
         "rank_pattern": other,
@@ -526,9 +527,9 @@ def peft_adapter_config(
         "use_dora": False,
         "target_modules": _peft_target_modules(base, sorted(ranks)),
         "fan_in_fan_out": fan_in_fan_out,
-        "lora_dropout": dropout,
+        "lora_dropout": 0.0,
         "bias": "none",
-        "modules_to_save": None,
+        "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -573,7 +574,11 @@ def _export_one(
     if not ranks:
         raise ValueError("every layer's weights are all zero: the merged update is zero, nothing to export")
     base = model.base_model
-    config = peft_adapter_config(base, ranks, fan_in_fan_out=fan_in_fan_out)
+    to_save = list(getattr(model, "modules_to_save", None) or [])
+    for name in to_save:  # trained in place in the base model; PEFT keys them without a suffix
+        for pname, param in base.get_submodule(name).named_parameters():
+            tensors[f"base_model.model.{name}.{pname}"] = param.detach().cpu().contiguous()
+    config = peft_adapter_config(base, ranks, fan_in_fan_out=fan_in_fan_out, modules_to_save=to_save)
     report = {"method": method, "rank": rank, "layers": report_layers}
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))

@@ -104,3 +104,265 @@ def test_gates_file_round_trip(tmp_path):
     save_gates(by_task, tmp_path / "t.json")
     back = load_gates(tmp_path / "t.json")
     assert set(back) == {0, 1} and torch.equal(back[1]["a.q"], by_task[1]["a.q"])
+
+
+# --------------------------------------------------------------------------- model-level
+
+from safetensors.torch import load_file  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from molora import MoLoRAConfig, MoLoRALinear, get_molora_model, measure_gates  # noqa: E402
+
+peft = pytest.importorskip("peft")
+
+VOCAB = 128
+
+
+def _llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=64, vocab_size=VOCAB)
+    )
+
+
+def _gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+BASES = {
+    "llama": (_llama, ["q_proj", "v_proj", "down_proj"]),
+    "gpt2": (_gpt2, ["c_attn", "c_fc"]),  # Conv1D: weight stored (in, out)
+}
+
+
+def _inputs(batch=2, seq=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def _trained(kind: str, **cfg_kw):
+    """(MoLoRA model after one AdamW step on random data, untouched copy of its base)."""
+    make, targets = BASES[kind]
+    base = make()
+    fresh = copy.deepcopy(base)
+    cfg = MoLoRAConfig(**{"target_modules": targets, "num_experts": 4, "r": 2, "lora_alpha": 8, **cfg_kw})
+    model = get_molora_model(base, cfg)
+    ids = _inputs(seed=7)
+    task_ids = torch.tensor([0, 1]) if cfg.router == "task" else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(input_ids=ids, labels=ids, task_ids=task_ids).loss.backward()
+    opt.step()
+    model.eval()
+    assert any(l.lora_B.abs().sum() > 0 for l in model.molora_layers().values())  # B left zero
+    return model, fresh
+
+
+def _dense_reference(model, fresh, gates):
+    """The base with W0 + s * sum_i w_i B_i A_i folded in, computed by an explicit loop."""
+    ref = copy.deepcopy(fresh)
+    with torch.no_grad():
+        for name, layer in model.molora_layers().items():
+            w = gates[name]
+            delta = sum(layer.scaling * w[i] * layer.lora_B[i] @ layer.lora_A[i] for i in range(layer.num_experts))
+            weight = ref.get_submodule(name).weight
+            weight += delta.T if layer.fan_in_fan_out else delta
+    return ref.eval()
+
+
+def _load_peft(fresh, path):
+    """PeftModel on a copy of the base; asserts the file and PEFT's modules have the same keys."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(fresh), str(path))
+    assert not [w for w in caught if "missing" in str(w.message).lower()]
+    saved = set(load_file(str(path / "adapter_model.safetensors")))
+    assert set(get_peft_model_state_dict(peft_model)) == saved  # no missing, no unexpected keys
+    return peft_model.eval()
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_cat_export_matches_dense_reference(kind, tmp_path):
+    model, fresh = _trained(kind, router="topk", top_k=2, use_rslora=(kind == "llama"))
+    layers = model.molora_layers()
+    g = torch.Generator().manual_seed(3)
+    gates = {}
+    for j, name in enumerate(layers):  # zeros on some layers: ranks differ -> rank_pattern
+        w = torch.rand(4, generator=g)
+        w[: j % 3] = 0.0
+        gates[name] = w
+    report = model.export_merged_adapter(tmp_path / "a", weights=gates, method="cat")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is False and cfg["lora_alpha"] == cfg["r"] and cfg["rank_pattern"]
+    assert cfg["fan_in_fan_out"] is (kind == "gpt2")
+    assert all(report["layers"][n]["rank"] == 2 * int((gates[n] != 0).sum()) for n in layers)
+    assert json.loads((tmp_path / "a" / "merge_report.json").read_text())["layers"].keys() == layers.keys()
+    ids = _inputs()
+    expected = _logits(_dense_reference(model, fresh, gates), ids)
+    peft_model = _load_peft(fresh, tmp_path / "a")
+    torch.testing.assert_close(_logits(peft_model, ids), expected, atol=1e-5, rtol=1e-4)
+    merged = peft_model.merge_and_unload()
+    torch.testing.assert_close(_logits(merged, ids), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_uniform_and_tensor_weights_and_zero_layer(tmp_path):
+    model, fresh = _trained("llama", router="soft")
+    ids = _inputs()
+    uniform = {n: torch.full((4,), 0.25) for n in model.molora_layers()}
+    model.export_merged_adapter(tmp_path / "u", weights="uniform")
+    torch.testing.assert_close(
+        _logits(_load_peft(fresh, tmp_path / "u"), ids),
+        _logits(_dense_reference(model, fresh, uniform), ids), atol=1e-5, rtol=1e-4,
+    )
+    gates = {n: torch.tensor([0.0, 0.7, 0.0, 0.3]) for n in model.molora_layers()}
+    first = next(iter(gates))
+    gates[first] = torch.zeros(4)  # dW = 0 there: the module is left out of the adapter
+    report = model.export_merged_adapter(tmp_path / "z", weights=gates)
+    assert report["layers"][first]["rank"] == 0
+    keys = load_file(str(tmp_path / "z" / "adapter_model.safetensors"))
+    assert not any(k.startswith(f"base_model.model.{first}.") for k in keys)
+    torch.testing.assert_close(
+        _logits(_load_peft(fresh, tmp_path / "z"), ids),
+        _logits(_dense_reference(model, fresh, gates), ids), atol=1e-5, rtol=1e-4,
+    )
+    # one (N,) tensor for every layer, written over the previous export
+    model.export_merged_adapter(tmp_path / "z", weights=torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    same = {n: torch.tensor([0.1, 0.2, 0.3, 0.4]) for n in model.molora_layers()}
+    torch.testing.assert_close(
+        _logits(_load_peft(fresh, tmp_path / "z"), ids),
+        _logits(_dense_reference(model, fresh, same), ids), atol=1e-5, rtol=1e-4,
+    )
+
+
+def test_task_router_export_all_tasks(tmp_path):
+    model, fresh = _trained("llama", router="task", num_tasks=3, top_k=2, task_names=["sum", "copy", "rev"])
+    reports = model.export_merged_adapter(tmp_path / "tasks", task="all")
+    assert set(reports) == {"sum", "copy", "rev"}
+    ids = _inputs()
+    for t, name in enumerate(["sum", "copy", "rev"]):
+        assert (tmp_path / "tasks" / name / "adapter_config.json").is_file()
+        expected = _logits(model, ids, task_ids=torch.full((2,), t))
+        got = _logits(_load_peft(fresh, tmp_path / "tasks" / name), ids)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    single = model.export_merged_adapter(tmp_path / "one", task="copy")
+    assert single["layers"] == reports["copy"]["layers"]
+
+
+def test_svd_full_rank_exact_and_truncation_optimal(tmp_path):
+    model, fresh = _trained("gpt2", router="soft")
+    gates = {n: torch.tensor([0.4, 0.3, 0.2, 0.1]) for n in model.molora_layers()}
+    ids = _inputs()
+    model.export_merged_adapter(tmp_path / "full", weights=gates, method="svd", rank=8)  # N r = 8
+    torch.testing.assert_close(
+        _logits(_load_peft(fresh, tmp_path / "full"), ids),
+        _logits(_dense_reference(model, fresh, gates), ids), atol=1e-4, rtol=1e-4,
+    )
+    report = model.export_merged_adapter(tmp_path / "low", weights=gates, method="svd", rank=3)
+    saved = load_file(str(tmp_path / "low" / "adapter_model.safetensors"))
+    assert json.loads((tmp_path / "low" / "adapter_config.json").read_text())["r"] == 3
+    for name, layer in model.molora_layers().items():
+        delta = dense_delta(layer.lora_A.detach(), layer.lora_B.detach(), gates[name], layer.scaling).double()
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        best = (u[:, :3] * s[:3]) @ vh[:3]
+        got = saved[f"base_model.model.{name}.lora_B.weight"].double() @ saved[f"base_model.model.{name}.lora_A.weight"].double()
+        torch.testing.assert_close(got, best, atol=1e-5, rtol=1e-4)
+        err = float(torch.linalg.norm(delta - best) / torch.linalg.norm(delta))
+        assert report["layers"][name]["rel_error"] == pytest.approx(err, rel=1e-4, abs=1e-6)
+    _load_peft(fresh, tmp_path / "low")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merge_and_unload_returns_plain_model(kind):
+    model, fresh = _trained(kind, router="task", num_tasks=2)
+    ids = _inputs()
+    expected = _logits(model, ids, task_ids=torch.tensor([1, 1]))
+    merged = model.merge_and_unload(task=1)
+    assert type(merged) is type(fresh)
+    assert not any(isinstance(m, MoLoRALinear) for m in merged.modules())
+    torch.testing.assert_close(_logits(merged, ids), expected, atol=1e-5, rtol=1e-4)
+
+
+def _router_gates(model, batches, by_task):
+    """Independent reference: recompute every router on the captured layer inputs."""
+    inputs = {}
+    hooks = [
+        layer.register_forward_hook(lambda mod, args, out, n=name: inputs.__setitem__(n, args[0]))
+        for name, layer in model.molora_layers().items()
+    ]
+    sums = {}
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+            mask = batch["attention_mask"].reshape(-1).bool()
+            tasks = batch["task_ids"].repeat_interleave(batch["input_ids"].shape[1])
+            for name, layer in model.molora_layers().items():
+                x = inputs[name].reshape(-1, layer.in_features)
+                w = layer.router(x, None).weights
+                for t in (tasks.unique().tolist() if by_task else [None]):
+                    sel = mask & (tasks == t) if by_task else mask
+                    acc = sums.setdefault(t, {}).setdefault(name, [0, 0])
+                    acc[0] = acc[0] + w[sel].sum(0)
+                    acc[1] += int(sel.sum())
+    for h in hooks:
+        h.remove()
+    out = {t: {n: s / c for n, (s, c) in g.items()} for t, g in sums.items()}
+    return out if by_task else out[None]
+
+
+def test_measure_gates_ignores_padding_and_groups_by_task(tmp_path):
+    model, fresh = _trained("llama", router="topk", top_k=2)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    batches = [
+        {"input_ids": _inputs(seed=s), "attention_mask": mask, "task_ids": torch.tensor([s % 2, 1])}
+        for s in range(3)
+    ]
+    gates = measure_gates(model, batches)
+    ref = _router_gates(model, batches, by_task=False)
+    for name in model.molora_layers():
+        torch.testing.assert_close(gates[name], ref[name], atol=1e-6, rtol=1e-5)
+        assert gates[name].sum() == pytest.approx(1.0, abs=1e-5)
+    by_task = measure_gates(model, batches, by_task=True)
+    ref = _router_gates(model, batches, by_task=True)
+    assert set(by_task) == {0, 1}
+    for t in (0, 1):
+        for name in model.molora_layers():
+            torch.testing.assert_close(by_task[t][name], ref[t][name], atol=1e-6, rtol=1e-5)
+    # by-task measured gates export per task; equal to the dense reference of that task
+    reports = model.export_merged_adapter(tmp_path / "m", weights=by_task, task="all")
+    assert set(reports) == {"task_0", "task_1"}
+    ids = _inputs()
+    torch.testing.assert_close(
+        _logits(_load_peft(fresh, tmp_path / "m" / "task_1"), ids),
+        _logits(_dense_reference(model, fresh, by_task[1]), ids), atol=1e-5, rtol=1e-4,
+    )
+
+
+def test_export_errors(tmp_path):
+    model, _ = _trained("llama", router="soft")
+    with pytest.raises(ValueError, match="needs the task router"):
+        model.export_merged_adapter(tmp_path / "x", task=0)
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        model.export_merged_adapter(tmp_path / "x", method="ties")
+    with pytest.raises(ValueError, match="missing"):
+        model.export_merged_adapter(tmp_path / "x", weights={"model.layers.0.self_attn.q_proj": torch.ones(4)})
+    with pytest.raises(ValueError, match=r"shape \(N,\)"):
+        model.export_merged_adapter(tmp_path / "x", weights=torch.ones(3))
+    with pytest.raises(ValueError, match="all zero"):
+        model.export_merged_adapter(tmp_path / "x", weights=torch.zeros(4))
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".*"))  # failures leave nothing
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a previous molora export"):
+        model.export_merged_adapter(tmp_path / "user")
+    assert (tmp_path / "user" / "notes.txt").read_text() == "keep me"
