@@ -1,0 +1,147 @@
+"""Tests for molora.from_peft: MoLoRA experts initialised from existing PEFT LoRA adapters."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from molora import MoLoRAConfig, MoLoRALinear, MoLoRAModel, get_molora_model
+from molora.from_peft import from_lora_adapters, read_lora_adapter
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+VOCAB = 128
+TARGETS = ["q_proj", "v_proj"]
+
+
+def _llama(hidden=32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(
+        LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=64, vocab_size=VOCAB)
+    )
+
+
+def _ids(seed=1):
+    return torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+def _peft_adapter(base, path, seed, **lora_kw):
+    """Save a PEFT LoRA adapter with random (non-zero) A and B; returns the path."""
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=TARGETS, init_lora_weights=False, **lora_kw))
+    model.save_pretrained(str(path))
+    return path
+
+
+def _one_hot_task_config(n, r):
+    return MoLoRAConfig(target_modules=TARGETS, num_experts=n, r=r, lora_alpha=16, router="task", num_tasks=n, top_k=1)
+
+
+def _route_task_i_to_expert_i(model):
+    with torch.no_grad():
+        for layer in model.molora_layers().values():
+            layer.router.table.copy_(10.0 * torch.eye(layer.num_experts))  # top-1: exactly one-hot
+
+
+def test_peft_adapters_with_different_ranks_and_scalings(tmp_path):
+    base = _llama()
+    paths = [
+        _peft_adapter(base, tmp_path / "a0", 0, r=2, lora_alpha=4),
+        _peft_adapter(base, tmp_path / "a1", 1, r=4, lora_alpha=3, use_rslora=True),
+        _peft_adapter(base, tmp_path / "a2", 2, r=2, lora_alpha=8, rank_pattern={"v_proj": 3}, alpha_pattern={"v_proj": 5}),
+    ]
+    ids = _ids()
+    expected = [_logits(PeftModel.from_pretrained(copy.deepcopy(base), str(p)).eval(), ids) for p in paths]
+    model = MoLoRAModel.from_lora_adapters(copy.deepcopy(base), paths, _one_hot_task_config(3, 4))
+    _route_task_i_to_expert_i(model)
+    model.eval()
+    for i in range(3):
+        got = _logits(model, ids, task_ids=torch.tensor([i, i]))
+        torch.testing.assert_close(got, expected[i], atol=1e-5, rtol=1e-4)
+    layer = next(iter(model.molora_layers().values()))
+    assert not layer.lora_A.requires_grad and not layer.lora_B.requires_grad  # only the router trains
+    assert all(p.requires_grad for p in layer.router.parameters())
+    assert not layer.lora_B[0, :, 2:].any()  # rank-2 adapter padded to r=4 with zero columns
+
+
+def test_round_trip_export_single_experts_then_rebuild(tmp_path):
+    base = _llama()
+    fresh = copy.deepcopy(base)
+    cfg = MoLoRAConfig(target_modules=TARGETS, num_experts=3, r=2, lora_alpha=8, router="soft", use_rslora=True)
+    model = get_molora_model(base, cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = _ids(7)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"e{i}")
+        model.export_merged_adapter(paths[-1], weights=torch.nn.functional.one_hot(torch.tensor(i), 3).float())
+    ids = _ids()
+    expected = [_logits(PeftModel.from_pretrained(copy.deepcopy(fresh), str(p)).eval(), ids) for p in paths]
+    rebuilt = from_lora_adapters(copy.deepcopy(fresh), paths, _one_hot_task_config(3, 2), freeze_experts=False)
+    _route_task_i_to_expert_i(rebuilt)
+    rebuilt.eval()
+    for i in range(3):
+        torch.testing.assert_close(_logits(rebuilt, ids, task_ids=torch.tensor([i, i])), expected[i], atol=1e-5, rtol=1e-4)
+    # with the original scaling folded back, expert i equals the trained expert i exactly
+    for name, layer in rebuilt.molora_layers().items():
+        orig = model.molora_layers()[name]
+        for i in range(3):
+            torch.testing.assert_close(
+                layer.scaling * layer.lora_B[i] @ layer.lora_A[i], orig.scaling * orig.lora_B[i] @ orig.lora_A[i],
+                atol=1e-6, rtol=1e-5,
+            )
+    assert rebuilt.molora_layers()[name].lora_A.requires_grad
+
+
+def test_errors_for_mismatched_adapters(tmp_path):
+    base = _llama()
+    a = _peft_adapter(base, tmp_path / "a", 0, r=2)
+    b = _peft_adapter(base, tmp_path / "b", 1, r=4)
+    cfg = _one_hot_task_config(2, 4)
+    with pytest.raises(ValueError, match="`num_experts` must equal the number of adapters"):
+        from_lora_adapters(copy.deepcopy(base), [a], cfg)
+    with pytest.raises(ValueError, match="`r` must be >= the largest adapter rank 4"):
+        from_lora_adapters(copy.deepcopy(base), [a, b], _one_hot_task_config(2, 2))
+    # other target modules
+    torch.manual_seed(3)
+    other = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["k_proj"], r=2, init_lora_weights=False))
+    other.save_pretrained(str(tmp_path / "k"))
+    with pytest.raises(ValueError, match="target different modules"):
+        from_lora_adapters(copy.deepcopy(base), [a, tmp_path / "k"], cfg)
+    victim = copy.deepcopy(base)
+    cfg_k = MoLoRAConfig(target_modules=["k_proj"], num_experts=2, r=4, router="soft")
+    with pytest.raises(ValueError, match="selects other modules than the adapters target"):
+        from_lora_adapters(victim, [a, b], cfg_k)
+    assert not any(isinstance(m, MoLoRALinear) for m in victim.modules())  # base restored
+    # adapter of another base model: shapes, and the recorded name
+    wide = _peft_adapter(_llama(hidden=64), tmp_path / "wide", 4, r=2)
+    with pytest.raises(ValueError, match="another base model"):
+        from_lora_adapters(copy.deepcopy(base), [a, wide], cfg)
+    named = base.__class__(base.config)
+    named.config._name_or_path = "org/base-7b"
+    config_file = tmp_path / "b" / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**data, "base_model_name_or_path": "org/other-7b"}))
+    with pytest.raises(ValueError, match="trained on base model 'org/other-7b'"):
+        from_lora_adapters(named, [a, tmp_path / "b"], cfg)
+    # unsupported adapter kinds
+    torch.manual_seed(5)
+    dora = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=TARGETS, use_dora=True))
+    dora.save_pretrained(str(tmp_path / "dora"))
+    with pytest.raises(ValueError, match="`use_dora` must be false"):
+        read_lora_adapter(tmp_path / "dora")
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        read_lora_adapter(tmp_path)
