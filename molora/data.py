@@ -68,6 +68,7 @@ def load_task_datasets(
     *,
     task_column: str | None = None,
     split: str = "train",
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[dict[str, Dataset], dict[str, int]]:
     """Load one dataset per task.
 
@@ -79,6 +80,8 @@ def load_task_datasets(
         task_column: with a single ``Dataset``, the column naming each example's task.
             Task names are ``str(value)``.
         split: the split taken from ``DatasetDict`` values (local files load as "train").
+        cache_dir: where ``datasets`` caches the Arrow files of loaded paths (default:
+            its own cache, ``HF_DATASETS_CACHE``).
 
     Returns:
         ``(datasets, task_to_id)``: an ordered ``dict[str, Dataset]`` and the stable
@@ -100,7 +103,9 @@ def load_task_datasets(
             )
         if not spec:
             raise ValueError("`spec` must name at least one task, got an empty mapping")
-        datasets = {str(name): _load_one(name, value, split) for name, value in spec.items()}
+        datasets = {
+            str(name): _load_one(name, value, split, cache_dir) for name, value in spec.items()
+        }
     else:
         raise TypeError(
             "`spec` must be a Dataset or a mapping {task_name: Dataset | path}, "
@@ -110,7 +115,7 @@ def load_task_datasets(
     return datasets, task_to_id
 
 
-def _load_one(name: str, value: Any, split: str) -> Dataset:
+def _load_one(name: str, value: Any, split: str, cache_dir: Any) -> Dataset:
     """One task's dataset from a Dataset, a DatasetDict or a local file path."""
     if isinstance(value, Dataset):
         return value
@@ -122,13 +127,13 @@ def _load_one(name: str, value: Any, split: str) -> Dataset:
             )
         return value[split]
     if isinstance(value, (str, os.PathLike)):
-        return _load_file(name, Path(value))
+        return _load_file(name, Path(value), cache_dir)
     raise TypeError(
         f"task {name!r}: expected a Dataset, DatasetDict or file path, got {type(value).__name__}"
     )
 
 
-def _load_file(name: str, path: Path) -> Dataset:
+def _load_file(name: str, path: Path, cache_dir: Any) -> Dataset:
     """Load a local JSON/JSONL/CSV/Parquet file with ``datasets.load_dataset``."""
     if not path.is_file():
         raise FileNotFoundError(f"task {name!r}: data file {str(path)!r} does not exist")
@@ -138,7 +143,8 @@ def _load_file(name: str, path: Path) -> Dataset:
             f"task {name!r}: file suffix {path.suffix!r} of {str(path)!r} is not supported; "
             f"allowed: {sorted(_FILE_BUILDERS)}"
         )
-    return load_dataset(builder, data_files=str(path), split="train")
+    cache = None if cache_dir is None else str(cache_dir)
+    return load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
 
 
 def _split_by_column(ds: Dataset, task_column: str | None) -> dict[str, Dataset]:

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import os
 import re
 import sysconfig
+import tokenize
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -87,7 +89,6 @@ _TOPIC_LEAKS = {
 }
 _KIND_LEAK = re.compile(r"module|class|function|method", re.IGNORECASE)
 _KIND_OF_NODE = {
-    ast.Module: "module",
     ast.ClassDef: "class",
     ast.FunctionDef: "function",
     ast.AsyncFunctionDef: "function",
@@ -97,6 +98,7 @@ _SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
      "encodings", "pydoc_data", "lib2to3", "turtledemo"}
 )
+_SKIPPED_TOKENS = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.ENCODING)
 _MAX_CHARS = 200
 _MAX_SENTENCES = 3
 _MIN_CHARS = 15
@@ -240,23 +242,60 @@ def _kind_examples(docs: list[_Doc]) -> list[tuple[str, str]]:
 
 
 def _stdlib_docstrings() -> Iterator[_Doc]:
-    """Docstring summaries of the standard library's library code, in sorted file order."""
+    """Docstrings of the standard library's library code, in sorted file order.
+
+    Files of the ``TOPIC_FAMILIES`` packages are parsed with ``ast`` for module, class and
+    function docstrings. Every other file only gives its module docstring, read from the
+    first tokens of the file: parsing all of the stdlib costs seconds, and module
+    docstrings are the scarce class of the ``kind`` task.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
+    parsed_packages = {pkg for pkgs in TOPIC_FAMILIES.values() for pkg in pkgs}
     for path in _stdlib_files(root):
         rel = path.relative_to(root).parts
         package = rel[0] if len(rel) > 1 else None
-        try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))
-        except (SyntaxError, ValueError, OSError):  # e.g. a lib2to3 grammar fixture
-            continue
-        for node in ast.walk(tree):
-            kind = _KIND_OF_NODE.get(type(node))
-            if kind is None or getattr(node, "name", "").startswith("__"):
-                continue
-            docstring = ast.get_docstring(node) or ""
-            paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
+        if package in parsed_packages:
+            docstrings = _all_docstrings(path)
+        else:
+            docstrings = [("module", _leading_docstring(path))]
+        for kind, docstring in docstrings:
+            paragraph = " ".join((docstring or "").strip().split("\n\n")[0].split())
             if len(paragraph) >= _MIN_CHARS:
                 yield _Doc(paragraph, package, kind)
+
+
+def _all_docstrings(path: Path) -> list[tuple[str, str | None]]:
+    """``(kind, docstring)`` of the module and every class/function (not dunders)."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError, OSError):
+        return []
+    found = [("module", ast.get_docstring(tree))]
+    stack = list(tree.body)
+    while stack:  # statements only: expressions never hold a def
+        node = stack.pop()
+        kind = _KIND_OF_NODE.get(type(node))
+        if kind is not None and not node.name.startswith("__"):
+            found.append((kind, ast.get_docstring(node)))
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            stack.extend(n for n in getattr(node, field, ()) if isinstance(n, ast.AST))
+    return found
+
+
+def _leading_docstring(path: Path) -> str | None:
+    """The module docstring, from the file's first tokens (as ``ast.get_docstring``)."""
+    try:
+        with tokenize.open(path) as f:  # honours the encoding cookie
+            for token in tokenize.generate_tokens(f.readline):
+                if token.type in _SKIPPED_TOKENS:
+                    continue
+                if token.type != tokenize.STRING:
+                    return None
+                value = ast.literal_eval(token.string)
+                return inspect.cleandoc(value) if isinstance(value, str) else None
+    except (SyntaxError, ValueError, OSError, tokenize.TokenError):
+        return None
+    return None
 
 
 def _stdlib_files(root: Path) -> list[Path]:
