@@ -417,8 +417,9 @@ def save_gates(gates: Gates | Mapping[Any, Gates], path: str | os.PathLike) -> N
 def load_gates(path: str | os.PathLike) -> Gates | dict[int | str, Gates]:
     """Read gates written by :func:`save_gates` (JSON), or a safetensors file of (N,) tensors.
 
-    JSON may be ``{layer: [w...]}``, ``{task: {layer: [w...]}}`` or either under the key
-    ``"molora_gates"``; digit task keys become ints. Safetensors keys are layer names, or
+    JSON may be ``{layer: [w...]}``, ``{task: {layer: [w...]}}``, either under the key
+    ``"molora_gates"``, or ``{layer: {"gates": [w...], ...}}`` (``routing_stats()`` as JSON);
+    digit task keys become ints. Safetensors keys are layer names, or
     ``"<task>/<layer>"`` for by-task gates.
     """
     path = Path(path)
@@ -433,6 +434,8 @@ def load_gates(path: str | os.PathLike) -> Gates | dict[int | str, Gates]:
         return {k: w.float() for k, w in flat.items()}
     data = json.loads(path.read_text())
     data = data.get("molora_gates", data)
+    if data and all(isinstance(v, Mapping) and isinstance(v.get("gates"), list) for v in data.values()):
+        data = {n: v["gates"] for n, v in data.items()}  # routing_stats() style {layer: {"gates": [...]}}
     if _is_by_task(data):
         return {
             (int(t) if t.isdigit() else t): {n: torch.tensor(w, dtype=torch.float32) for n, w in g.items()}

@@ -366,3 +366,53 @@ def test_export_errors(tmp_path):
     with pytest.raises(FileExistsError, match="not a previous molora export"):
         model.export_merged_adapter(tmp_path / "user")
     assert (tmp_path / "user" / "notes.txt").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_export_adapter_tasks_and_merged_base(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from molora.cli import main
+
+    base_dir = tmp_path / "base"
+    _llama().save_pretrained(str(base_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    fresh = copy.deepcopy(base)
+    cfg = MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=4, r=2, lora_alpha=8, router="task", num_tasks=2)
+    model = get_molora_model(base, cfg)
+    ids = _inputs(seed=7)
+    model(input_ids=ids, labels=ids, task_ids=torch.tensor([0, 1])).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    model.eval()
+    model.save_pretrained(tmp_path / "run" / "final")
+    ids = _inputs()
+
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "all"), "--task", "all", "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "rel. error" in table and "model.layers.1.self_attn.v_proj" in table
+    for t in (0, 1):
+        torch.testing.assert_close(
+            _logits(_load_peft(fresh, tmp_path / "all" / f"task_{t}"), ids),
+            _logits(model, ids, task_ids=torch.tensor([t, t])), atol=1e-5, rtol=1e-4,
+        )
+
+    gates = {n: torch.tensor([0.5, 0.5, 0.0, 0.0]) for n in model.molora_layers()}
+    save_gates(gates, tmp_path / "run" / "gates.json")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "svd"), "--weights", "measured",
+                 "--method", "svd", "--rank", "4", "--no-progress"]) == 0  # rank(dW) <= 2 r = 4: exact
+    torch.testing.assert_close(
+        _logits(_load_peft(fresh, tmp_path / "svd"), ids),
+        _logits(_dense_reference(model, fresh, gates), ids), atol=1e-5, rtol=1e-4,
+    )
+
+    assert main(["export", str(tmp_path / "run" / "final"), "--out", str(tmp_path / "merged"), "--task", "1",
+                 "--merge-into-base", "--no-progress"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    torch.testing.assert_close(_logits(merged, ids), _logits(model, ids, task_ids=torch.tensor([1, 1])),
+                               atol=1e-5, rtol=1e-4)
+
+    assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "x"), "--weights", "bogus"]) == 2

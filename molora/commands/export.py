@@ -1,0 +1,203 @@
+"""``molora export``: a saved MoLoRA model -> PEFT LoRA adapter(s), or a merged base model.
+
+    molora export RUN_OR_ADAPTER_DIR --out DIR [--task T|all] [--weights uniform|measured|FILE]
+                  [--method cat|svd] [--rank R] [--merge-into-base] [--base NAME_OR_PATH]
+
+RUN_OR_ADAPTER_DIR is a folder written by ``MoLoRAModel.save_pretrained`` (it holds
+``molora_config.json``) or a training run folder holding one: ``final/`` is preferred, then
+the highest ``checkpoint-<step>/``, then the only adapter folder found below it. The base model
+is loaded offline (``local_files_only``) from the ``base_model_name_or_path`` recorded in the
+adapter, or from ``--base``, with the class named in its config's ``architectures``.
+
+``--weights measured`` reads gates written by :func:`molora.export.save_gates` (``gates.json``
+or ``gates.safetensors``) from the adapter folder or the run folder; ``FILE`` reads such a
+file from anywhere. Without ``--weights`` the task router's gates are used when ``--task`` is
+given, and uniform weights otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+GATES_FILES = ("gates.json", "gates.safetensors")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``export`` on the ``molora`` command line."""
+    parser = subparsers.add_parser(
+        "export",
+        help="export merged PEFT LoRA adapters from a MoLoRA run or adapter",
+        description=(
+            "Collapse the experts with static gates w (N,) per layer into dW = s * sum_i w_i B_i A_i and "
+            "write it as a PEFT LoRA adapter (or fold it into the base weights)."
+        ),
+    )
+    parser.add_argument("source", metavar="RUN_OR_ADAPTER_DIR", help="saved MoLoRA adapter, or a run folder holding one")
+    parser.add_argument("--out", required=True, help="output folder (adapter, one folder per task, or merged model)")
+    parser.add_argument("--task", default=None, help="task id or name, or 'all' (one adapter folder per task)")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="'uniform', 'measured' (gates.json / gates.safetensors beside the adapter or in the run), or a "
+        "gates FILE; default: the task router's gates with --task, uniform otherwise",
+    )
+    parser.add_argument("--method", choices=["cat", "svd"], default="cat", help="cat: exact; svd: best rank-R")
+    parser.add_argument("--rank", type=int, default=None, help="rank for --method svd (default: the expert rank r)")
+    parser.add_argument("--merge-into-base", action="store_true", help="save the base model with dW folded in")
+    parser.add_argument("--base", default=None, help="base model name or path (default: the one the adapter records)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def find_adapter_dir(source: str | os.PathLike) -> Path:
+    """The MoLoRA adapter folder of a run or adapter folder (see module docstring).
+
+    Raises:
+        FileNotFoundError: no folder with ``molora_config.json`` at or below ``source``.
+    """
+    from molora.io import CONFIG_NAME
+
+    root = Path(source)
+    if not root.is_dir():
+        raise FileNotFoundError(f"RUN_OR_ADAPTER_DIR {str(root)!r} is not a folder")
+    if (root / CONFIG_NAME).is_file():
+        return root
+    if (root / "final" / CONFIG_NAME).is_file():
+        return root / "final"
+    found = sorted(p.parent for p in root.rglob(CONFIG_NAME))
+    steps = [(int(m.group(1)), p) for p in found if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    if steps:
+        return max(steps)[1]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise FileNotFoundError(f"no MoLoRA adapter ({CONFIG_NAME}) in {str(root)!r} or below it")
+    raise FileNotFoundError(
+        f"several MoLoRA adapters below {str(root)!r}: {[str(p) for p in found[:5]]}; pass one of them"
+    )
+
+
+def load_base_model(name_or_path: str) -> Any:
+    """Load a transformers model offline with the class its config's ``architectures`` names."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    architectures = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM
+    return cls.from_pretrained(name_or_path, local_files_only=True)
+
+
+def _resolve_weights_arg(value: str | None, adapter_dir: Path, source: Path) -> Any:
+    from molora.export import load_gates
+
+    if value is None or value == "uniform":
+        return value
+    if value == "measured":
+        for folder in dict.fromkeys([adapter_dir, source, adapter_dir.parent]):
+            for name in GATES_FILES:
+                if (folder / name).is_file():
+                    return load_gates(folder / name)
+        raise FileNotFoundError(
+            f"--weights measured: no {' or '.join(GATES_FILES)} in {str(adapter_dir)!r} or {str(source)!r}; "
+            "write one with molora.export.save_gates(molora.measure_gates(model, batches), path) or pass a FILE"
+        )
+    if Path(value).is_file():
+        return load_gates(value)
+    raise ValueError(f"--weights must be 'uniform', 'measured' or an existing gates file, got {value!r}")
+
+
+def _parse_task(value: str | None) -> int | str | None:
+    if value is None or value == "all":
+        return value
+    return int(value) if re.fullmatch(r"\d+", value) else value
+
+
+def format_report(report: dict[str, Any], title: str | None = None) -> str:
+    """A table of per-layer rank and relative Frobenius error of one export report."""
+    rows = report["layers"]
+    width = max([len("layer")] + [len(n) for n in rows])
+    lines = [title] if title else []
+    lines.append(f"{'layer':<{width}}  {'rank':>5}  {'rel. error':>10}")
+    lines.append("-" * (width + 19))
+    for name, row in rows.items():
+        lines.append(f"{name:<{width}}  {row['rank']:>5}  {row['rel_error']:>10.3e}")
+    errors = [row["rel_error"] for row in rows.values()]
+    lines.append(f"{len(rows)} layers, max rel. error {max(errors):.3e}, method {report['method']}")
+    return "\n".join(lines)
+
+
+def _save_merged(model: Any, base_name: str, out: Path) -> None:
+    """Save the merged transformers model (and its tokenizer, if it has one) atomically."""
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise FileExistsError(f"--out {str(out)!r} is a non-empty folder that is not a saved model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        model.save_pretrained(str(tmp))
+        try:
+            import transformers
+
+            transformers.AutoTokenizer.from_pretrained(base_name, local_files_only=True).save_pretrained(str(tmp))
+        except Exception:  # noqa: BLE001 - a base without a tokenizer is fine
+            pass
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``molora export``; returns the exit status."""
+    from molora import MoLoRAModel
+    from molora.io import read_metadata
+
+    try:
+        source = Path(args.source)
+        adapter_dir = find_adapter_dir(source)
+        meta = read_metadata(adapter_dir)
+        base_name = args.base or meta.get("base_model_name_or_path")
+        if not base_name:
+            raise ValueError(f"{adapter_dir} records no base model (base_model_name_or_path); pass --base")
+        weights = _resolve_weights_arg(args.weights, adapter_dir, source)
+        task = _parse_task(args.task)
+        if args.merge_into_base and task == "all":
+            raise ValueError("--merge-into-base takes one --task, not 'all'")
+        if args.merge_into_base and (args.method != "cat" or args.rank is not None):
+            raise ValueError("--merge-into-base folds the exact update into the weights: drop --method svd / --rank")
+        print(f"adapter: {adapter_dir}\nbase model: {base_name}", file=sys.stderr)
+        base = load_base_model(base_name)
+        model = MoLoRAModel.from_pretrained(base, adapter_dir)
+        out = Path(args.out)
+        if args.merge_into_base:
+            merged = model.merge_and_unload(weights=weights, task=task, progress=not args.no_progress)
+            _save_merged(merged, base_name, out)
+            print(f"merged model written to {out}")
+            return 0
+        report = model.export_merged_adapter(
+            out, weights=weights, task=task, method=args.method, rank=args.rank, progress=not args.no_progress
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
+        print(f"molora export: error: {err}", file=sys.stderr)
+        return 2
+    if task == "all":
+        for folder, rep in report.items():
+            print(format_report(rep, title=f"\n[{folder}] -> {out / folder}"))
+    else:
+        print(format_report(report))
+        print(f"adapter written to {out}")
+    return 0
