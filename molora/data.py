@@ -633,7 +633,8 @@ def _is_sequence(value: Any) -> bool:
 
 def _stack_scalars(key: str, values: list[Any]) -> torch.Tensor:
     """(batch,) tensor: long for integer values, float32 for floats."""
-    items = [v.item() if isinstance(v, (torch.Tensor, np.ndarray, np.generic)) else v for v in values]
+    array_types = (torch.Tensor, np.ndarray, np.generic)
+    items = [v.item() if isinstance(v, array_types) else v for v in values]
     if all(isinstance(v, (bool, int)) for v in items):
         return torch.tensor(items, dtype=torch.long)
     if all(isinstance(v, (bool, int, float)) for v in items):

@@ -59,7 +59,8 @@ def test_load_from_files_keeps_insertion_order(tmp_path):
     rows = [{"text": f"t{i}", "label": i % 2} for i in range(6)]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "b.json").write_text(json.dumps(rows[:4]))
-    (tmp_path / "c.csv").write_text("text,label\n" + "\n".join(f"{r['text']},{r['label']}" for r in rows[:3]))
+    csv_rows = [f"{r['text']},{r['label']}" for r in rows[:3]]
+    (tmp_path / "c.csv").write_text("text,label\n" + "\n".join(csv_rows))
     Dataset.from_list(rows[:5]).to_parquet(str(tmp_path / "d.parquet"))
     spec = {"zeta": tmp_path / "a.jsonl", "b": str(tmp_path / "b.json"),
             "c": tmp_path / "c.csv", "d": tmp_path / "d.parquet",
@@ -148,7 +149,8 @@ def test_mix_is_deterministic_by_seed():
 
 
 def test_bad_strategy_and_temperature_are_named():
-    with pytest.raises(ValueError, match=r"`strategy` must be one of \['equal', 'size', 'temperature'\], got 'uniform'"):
+    allowed = r"\['equal', 'size', 'temperature'\]"
+    with pytest.raises(ValueError, match=rf"`strategy` must be one of {allowed}, got 'uniform'"):
         mix_tasks(_task_datasets(), strategy="uniform")
     for bad in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"`temperature` must be a finite number > 0"):
@@ -158,10 +160,11 @@ def test_bad_strategy_and_temperature_are_named():
 
 
 def test_mix_unifies_class_labels_and_rejects_mismatched_columns():
-    pos = Dataset.from_dict({"text": ["x"], "label": [1]},
-                            features=Features({"text": Value("string"), "label": ClassLabel(names=["n", "p"])}))
-    topic = Dataset.from_dict({"text": ["y", "z"], "label": [2, 0]},
-                              features=Features({"text": Value("string"), "label": ClassLabel(names=["a", "b", "c"])}))
+    def features(names: list[str]) -> Features:
+        return Features({"text": Value("string"), "label": ClassLabel(names=names)})
+
+    pos = Dataset.from_dict({"text": ["x"], "label": [1]}, features=features(["n", "p"]))
+    topic = Dataset.from_dict({"text": ["y", "z"], "label": [2, 0]}, features=features(list("abc")))
     mixed = mix_tasks({"s": pos, "t": topic}, seed=0)
     assert sorted(zip(mixed["text"], mixed["label"], mixed["task_ids"])) == [
         ("x", 1, 0), ("y", 2, 1), ("z", 0, 1)]
@@ -252,7 +255,8 @@ def test_classification_keeps_labels_and_task_ids():
 
 def test_collator_pads_token_labels_and_keeps_task_ids():
     features = [
-        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7], "task_ids": 2},
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7],
+         "task_ids": 2},
         {"input_ids": [8], "attention_mask": [1], "labels": [8], "task_ids": 0},
     ]
     batch = MultitaskCollator(pad_token_id=0)(features)
