@@ -8,16 +8,25 @@ All implementations share one signature and are interchangeable (``EXPERT_IMPLS`
 ``weights`` are the router's dense gates G (zeros outside the chosen experts) and ``indices``
 the chosen experts of sparse (top-k) routing, ``None`` for dense routing.
 
-- ``eager``:   the reference: a Python loop over experts. Slow, obviously right.
-- ``dense``:   all experts as one rank N*r LoRA; gates scale the (T, N*r) intermediate. Two
-               GEMMs, best for dense routing (soft, task) and for tiny T.
-- ``grouped``: the (token, expert) pairs of sparse routing sorted by expert, one grouped GEMM
-               over contiguous segments for each factor, results scattered back with their
-               gates. Work and activation memory O(T*k*r); a custom autograd Function reuses
-               the sort and runs only the GEMMs the backward needs.
+- ``eager``:       the reference: a Python loop over experts. Slow, obviously right.
+- ``dense``:       all experts as one rank N*r LoRA; gates scale the (T, N*r) intermediate.
+                   Six GEMMs of rank N*r for forward+backward: the floor for dense routing
+                   (soft, task), and the fastest path for tiny T or k close to N.
+- ``grouped``:     the T*k (token, expert) pairs of sparse routing sorted by expert, one
+                   grouped GEMM (``F.grouped_mm``) per factor over contiguous segments, results
+                   summed back per token. Work O(T*k*r*(in+out)) and saved activations
+                   O(T*k*r) beyond x; a custom autograd Function reuses the forward's sort and
+                   runs only the GEMMs the requested gradients need.
+- ``grouped_bmm``: ``grouped`` with the padded-bmm fallback of ``molora.grouped_mm`` forced.
+- ``auto``:        ``dense`` for dense routing; for sparse routing ``grouped`` unless the
+                   shapes make ``dense`` cheaper (:func:`auto_experts`).
 
-``auto`` (:func:`resolve_impl`) picks ``dense`` for dense routing and ``grouped`` for sparse.
-GPU kernels register here under their own names (lazily imported from ``molora.kernels``).
+Performance notes (profiled on CPU, T=2048, in=out=1024, N=8, r=16, top-2; see
+``benchmarks/RESULTS.md``): advanced indexing ``x[idx]`` is ~5x slower than
+``x.index_select(0, idx)``; the (T*k, in) gathered copy of x is recomputed in the backward
+rather than saved (it is as large as k copies of x); the weight gradient of B is computed as
+(r, out) blocks and transposed, which is ~2x faster than (out, r) blocks in
+``F.grouped_mm``'s per-group GEMMs.
 """
 
 from __future__ import annotations
@@ -55,64 +64,93 @@ def dense_experts(
     indices: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
-    """All experts as one rank N*r product; gates (and s) scale the (T, N*r) intermediate."""
+    """All experts as one rank N*r product; gates (and s) scale the (T, N*r) intermediate.
+
+    The gates broadcast over the rank inside a (T, N, r) view, so no (T, N*r) gate tensor is
+    built; autograd saves x, the (T, N*r) intermediate and the (T, N) gates: O(T*N*r).
+    """
     num_experts, rank, in_features = lora_A.shape
     out_features = lora_B.shape[1]
+    num_tokens = x.shape[0]
     h = x @ lora_A.reshape(num_experts * rank, in_features).t()  # (T, N*r)
-    gates = (weights.to(h.dtype) * scaling).repeat_interleave(rank, dim=1)  # (T, N*r)
+    gates = weights.to(h.dtype) * scaling  # (T, N)
+    hg = (h.view(num_tokens, num_experts, rank) * gates[:, :, None]).view(num_tokens, num_experts * rank)
     b_cat = lora_B.permute(1, 0, 2).reshape(out_features, num_experts * rank)  # (out, N*r)
-    return (h * gates) @ b_cat.t()  # (T, out)
+    return hg @ b_cat.t()  # (T, out)
+
+
+def sort_pairs(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the T*k (token, expert) pairs by expert.
+
+    Args:
+        indices: (T, k) chosen experts.
+        num_experts: N.
+
+    Returns:
+        order (P,) positions in the flattened (T*k) pairs, sorted by expert (stable, so tokens
+        stay in order inside an expert); token (P,) the token of each sorted pair; offs (N,)
+        int32 end of each expert's segment. P = T*k.
+    """
+    flat_expert = indices.reshape(-1)  # (P,)
+    order = torch.argsort(flat_expert, stable=True)  # (P,)
+    token = torch.div(order, indices.shape[1], rounding_mode="floor")  # (P,)
+    offs = torch.bincount(flat_expert, minlength=num_experts).cumsum(0).to(torch.int32)  # (N,)
+    return order, token, offs
 
 
 class _GroupedLoRA(torch.autograd.Function):
-    """Sparse expert sum on token-expert pairs sorted by expert.
+    """Sparse expert sum on token-expert pairs sorted by expert (the sort is an input).
 
-    Forward saves x (not its gathered copy), the (P, r) intermediate and the sort, so the
-    activation memory of the expert part is O(T*k*r) beyond x itself.
+    Inputs: x (T, in), lora_A (N, r, in), lora_B (N, out, r), top_w (T, k) the gates of the
+    chosen experts, and the sort (order, token, offs) of :func:`sort_pairs`.
+
+    Forward: xs = x[token] (P, in), h = A_e xs (P, r), hg = s * g * h, ys = B_e hg (P, out),
+    y[t] = sum of its k rows of ys. Saved: x, the (P, r) h, the (P,) gates and the sort, so
+    the expert part keeps O(T*k*r) activations; the (P, in) gathered copy of x is rebuilt in
+    the backward only when grad_A needs it.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, weights, indices, scaling, use_kernel):
-        num_tokens, top_k = indices.shape
-        num_experts = lora_A.shape[0]
-        flat_expert = indices.reshape(-1)  # (P,) with P = T*k
-        order = torch.argsort(flat_expert, stable=True)  # (P,)
-        token = torch.div(order, top_k, rounding_mode="floor")  # (P,) token of each sorted pair
-        offs = torch.bincount(flat_expert, minlength=num_experts).cumsum(0).to(torch.int32)  # (N,)
-        gate = weights.gather(1, indices).reshape(-1)[order].to(x.dtype) * scaling  # (P,)
-
-        xs = x[token]  # (P, in)
+    def forward(ctx, x, lora_A, lora_B, top_w, order, token, offs, scaling, use_kernel):
+        num_tokens = x.shape[0]
+        gate = top_w.reshape(-1).index_select(0, order).to(x.dtype) * scaling  # (P,)
+        xs = x.index_select(0, token)  # (P, in)
         h = gmm(xs, lora_A.transpose(1, 2), offs, use_kernel=use_kernel)  # (P, r)
+        del xs
         ys = gmm(h * gate[:, None], lora_B.transpose(1, 2), offs, use_kernel=use_kernel)  # (P, out)
-        out = x.new_zeros(num_tokens, lora_B.shape[1]).index_add_(0, token, ys)  # (T, out)
-
-        ctx.save_for_backward(x, lora_A, lora_B, indices, order, token, offs, gate, h)
-        ctx.scaling, ctx.use_kernel, ctx.weights_shape = scaling, use_kernel, weights.shape
+        out = ys.new_zeros(num_tokens, ys.shape[1]).index_add_(0, token, ys)  # (T, out)
+        ctx.save_for_backward(x, lora_A, lora_B, order, token, offs, gate, h)
+        ctx.scaling, ctx.use_kernel = scaling, use_kernel
+        ctx.top_w_shape, ctx.top_w_dtype = top_w.shape, top_w.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, lora_A, lora_B, indices, order, token, offs, gate, h = ctx.saved_tensors
+        x, lora_A, lora_B, order, token, offs, gate, h = ctx.saved_tensors
         use_kernel = ctx.use_kernel
-        grad_out = grad_out.contiguous()
-        gys = grad_out[token]  # (P, out)
-        d_hg = gmm(gys, lora_B, offs, use_kernel=use_kernel)  # (P, r): grad of h * gate
-        dh = d_hg * gate[:, None]  # (P, r)
-
+        need_x, need_A, need_B, need_w = ctx.needs_input_grad[:4]
+        gys = grad_out.contiguous().index_select(0, token)  # (P, out)
         grad_x = grad_A = grad_B = grad_w = None
-        if ctx.needs_input_grad[0]:
-            dxs = gmm(dh, lora_A, offs, use_kernel=use_kernel)  # (P, in)
-            grad_x = torch.zeros_like(x).index_add_(0, token, dxs)
-        if ctx.needs_input_grad[1]:
-            grad_A = gmm_wgrad(dh, x[token], offs, use_kernel=use_kernel)  # (N, r, in)
-        if ctx.needs_input_grad[2]:
-            grad_B = gmm_wgrad(gys, h * gate[:, None], offs, use_kernel=use_kernel)  # (N, out, r)
-        if ctx.needs_input_grad[3]:
+        if need_B:
+            hg = h * gate[:, None]  # (P, r)
+            grad_B = gmm_wgrad(hg, gys, offs, use_kernel=use_kernel).transpose(1, 2).contiguous()  # (N, out, r)
+        if not (need_x or need_A or need_w):
+            return grad_x, grad_A, grad_B, grad_w, None, None, None, None, None
+        d_hg = gmm(gys, lora_B, offs, use_kernel=use_kernel)  # (P, r): grad of s * g * h
+        del gys
+        if need_w:
             d_gate = (d_hg * h).sum(-1) * ctx.scaling  # (P,) grad of the unscaled gate
-            flat = torch.empty_like(d_gate).scatter_(0, order, d_gate)  # back to (T*k) order
-            grad_w = torch.zeros(ctx.weights_shape, dtype=torch.float32, device=x.device)
-            grad_w.scatter_(1, indices, flat.view(indices.shape).float())  # (T, N)
-        return grad_x, grad_A, grad_B, grad_w, None, None, None
+            grad_w = torch.empty_like(d_gate).index_copy_(0, order, d_gate)  # back to (T*k) order
+            grad_w = grad_w.view(ctx.top_w_shape).to(ctx.top_w_dtype)  # (T, k)
+        dh = d_hg * gate[:, None]  # (P, r)
+        if need_A:
+            xs = x.index_select(0, token)  # (P, in), rebuilt rather than saved
+            grad_A = gmm_wgrad(dh, xs, offs, use_kernel=use_kernel)  # (N, r, in)
+            del xs
+        if need_x:
+            dxs = gmm(dh, lora_A, offs, use_kernel=use_kernel)  # (P, in)
+            grad_x = torch.zeros_like(x).index_add_(0, token, dxs)  # (T, in)
+        return grad_x, grad_A, grad_B, grad_w, None, None, None, None, None
 
 
 def grouped_experts(
@@ -130,9 +168,15 @@ def grouped_experts(
     Only the chosen experts of each token are computed. Gradients flow to ``weights`` at
     the chosen positions only (where the router's gates can be non-zero).
     """
+    num_experts = lora_A.shape[0]
     if indices is None:
-        indices = torch.arange(lora_A.shape[0], device=x.device).expand(x.shape[0], -1)
-    return _GroupedLoRA.apply(x, lora_A, lora_B, weights, indices, float(scaling), use_kernel)
+        indices = torch.arange(num_experts, device=x.device).expand(x.shape[0], -1)
+    top_w = weights.gather(1, indices)  # (T, k)
+    with torch.no_grad():
+        order, token, offs = sort_pairs(indices, num_experts)
+    return _GroupedLoRA.apply(
+        x.contiguous(), lora_A, lora_B, top_w, order, token, offs, float(scaling), use_kernel
+    )
 
 
 def grouped_bmm_experts(x, lora_A, lora_B, weights, indices, scaling) -> torch.Tensor:
@@ -140,22 +184,51 @@ def grouped_bmm_experts(x, lora_A, lora_B, weights, indices, scaling) -> torch.T
     return grouped_experts(x, lora_A, lora_B, weights, indices, scaling, use_kernel=False)
 
 
+def prefers_dense(num_tokens: int, num_experts: int, top_k: int) -> bool:
+    """Whether ``dense`` beats ``grouped`` for sparse routing with these shapes.
+
+    ``grouped`` does k/N of dense's GEMM work but pays a sort, two gathers and two
+    scatter-adds of (T*k, d) rows and runs thinner (rank r instead of N*r) GEMMs; measured on
+    CPU it wins from about k <= N/2 and T*k >= 64 pairs (below that the fixed per-call cost
+    of the sort and the per-expert GEMM launches dominates).
+    """
+    return num_tokens * top_k < 64 or 2 * top_k > num_experts
+
+
+def auto_experts(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """``dense`` for dense routing or when :func:`prefers_dense`, otherwise ``grouped``."""
+    if indices is None or prefers_dense(x.shape[0], lora_A.shape[0], indices.shape[1]):
+        return dense_experts(x, lora_A, lora_B, weights, indices, scaling)
+    return grouped_experts(x, lora_A, lora_B, weights, indices, scaling)
+
+
 EXPERT_IMPLS: dict[str, ExpertFn] = {
     "eager": eager_experts,
     "dense": dense_experts,
     "grouped": grouped_experts,
     "grouped_bmm": grouped_bmm_experts,
+    "auto": auto_experts,
 }
 
 
 def resolve_impl(name: str, *, sparse: bool) -> ExpertFn:
-    """The expert function for an ``expert_impl`` name ("auto" chooses by routing kind).
+    """The expert function for an ``expert_impl`` name.
+
+    "auto" gives ``dense`` for dense routing and :func:`auto_experts` (which chooses by
+    shapes at call time) for sparse routing.
 
     Raises:
         ValueError: unknown name (the message lists the choices).
     """
     if name == "auto":
-        return grouped_experts if sparse else dense_experts
+        return auto_experts if sparse else dense_experts
     if name not in EXPERT_IMPLS:
-        raise ValueError(f"unknown `expert_impl` {name!r}; choose one of {sorted(['auto', *EXPERT_IMPLS])}")
+        raise ValueError(f"unknown `expert_impl` {name!r}; choose one of {sorted(EXPERT_IMPLS)}")
     return EXPERT_IMPLS[name]

@@ -21,6 +21,7 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
+    """16-byte aligned base pointers and non-unit strides (the CUDA kernel's layout rule)."""
     for t in tensors:
         size = t.element_size()
         if t.data_ptr() % 16:
@@ -29,6 +30,18 @@ def _aligned(*tensors: torch.Tensor) -> bool:
             if dim > 1 and stride != 1 and (stride * size) % 16:
                 return False
     return True
+
+
+def _use_grouped_mm(a: torch.Tensor, b: torch.Tensor, use_kernel: bool) -> bool:
+    """Whether to call ``F.grouped_mm`` on these operands.
+
+    On CPU torch runs it as one ``mm`` per group (any dtype, any strides). On CUDA it is a
+    CUTLASS grouped GEMM for bf16 on sm90+ (and a per-group ``mm`` loop elsewhere in recent
+    torch); both need 16-byte aligned strides, which the padded fallback does not.
+    """
+    if not (use_kernel and _HAS_GROUPED_MM and a.dtype == b.dtype and a.device == b.device):
+        return False
+    return a.device.type == "cpu" or _aligned(a, b)
 
 
 def _row_slots(offs: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +73,12 @@ def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, use_kernel: boo
     num_rows, num_groups = a.shape[0], b.shape[0]
     if num_rows == 0:
         return a.new_zeros(0, b.shape[-1])
-    if use_kernel and _HAS_GROUPED_MM and a.dtype == b.dtype and _aligned(a, b):
-        return F.grouped_mm(a, b, offs=offs)
+    if _use_grouped_mm(a, b, use_kernel):
+        try:
+            return F.grouped_mm(a, b, offs=offs)
+        except RuntimeError:  # a device/dtype this torch's grouped GEMM rejects: padded fallback
+            if a.device.type == "cpu":
+                raise
     group, slot = _row_slots(offs, num_rows)
     capacity = int(slot.max()) + 1
     out = torch.bmm(_to_padded(a, group, slot, num_groups, capacity), b)  # (G, C, P)
@@ -78,13 +95,20 @@ def gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, use_kerne
 
     Returns:
         (G, K, P); zeros for groups with no rows.
+
+    On CPU the per-group GEMMs are about twice as fast with K <= P (a thin left factor), so
+    callers pick the orientation: ``gmm_wgrad(b, a).transpose(1, 2)`` gives the same result.
     """
     num_rows, num_groups = a.shape[0], offs.shape[0]
     if num_rows == 0:
         return a.new_zeros(num_groups, a.shape[-1], b.shape[-1])
     a_t = a.t()  # (K, M)
-    if use_kernel and _HAS_GROUPED_MM and a.dtype == b.dtype and _aligned(a_t, b):
-        return F.grouped_mm(a_t, b, offs=offs)
+    if _use_grouped_mm(a_t, b, use_kernel):
+        try:
+            return F.grouped_mm(a_t, b, offs=offs)
+        except RuntimeError:  # see gmm
+            if a.device.type == "cpu":
+                raise
     group, slot = _row_slots(offs, num_rows)
     capacity = int(slot.max()) + 1
     pa = _to_padded(a, group, slot, num_groups, capacity)  # (G, C, K)
