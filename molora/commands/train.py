@@ -1,0 +1,47 @@
+"""``molora train CONFIG.yaml [dotted.key=value ...] [--resume [CHECKPOINT]]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a MoLoRA model from a YAML config",
+        description=(
+            "Train a MoLoRA model. CONFIG.yaml has sections model, molora, data, train; "
+            "dotted overrides follow it, e.g. molora.num_experts=4 train.max_steps=10. "
+            "Multi-GPU: accelerate launch -m molora.cli train CONFIG.yaml ..."
+        ),
+    )
+    parser.add_argument("config", help="the YAML run config")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, values parsed as YAML")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in train.output_dir, or from the given checkpoint folder",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from molora.run_config import RunConfigError, load_run_config
+
+    try:
+        config = load_run_config(args.config, args.overrides)
+    except (RunConfigError, FileNotFoundError) as e:
+        print(f"molora train: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(config.to_yaml(), end="")
+        return 0
+    from molora.train import train
+
+    train(config, resume=args.resume)
+    return 0
