@@ -24,6 +24,13 @@ Format decisions (documented here because PEFT readers depend on them):
   the adapter has one uniform rank, as serving stacks (vLLM ``max_lora_rank``) expect.
 - A layer whose weights are all 0 (dW = 0, "cat" rank 0) is left out of the adapter: a
   missing LoRA is the same zero update and PEFT cannot hold rank 0.
+- ``target_modules`` lists leaf names (``["q_proj", "v_proj"]``) when they select exactly the
+  exported modules in the base model, else the full module names.
+- The parameters of the MoLoRA model's ``modules_to_save`` (e.g. a classification head,
+  trained in place) are written under PEFT's keys ``base_model.model.<module>.<param>``
+  with ``modules_to_save`` set in the config.
+- ``fan_in_fan_out`` is true when a merged layer wraps transformers' Conv1D (GPT-2); LoRA
+  factor shapes are (r, in) and (out, r) either way.
 """
 
 from __future__ import annotations
@@ -281,8 +288,11 @@ def resolve_weights(
                 "`weights` holds per-task gates ({task: {layer: (N,)}}); pass `task` to pick one, "
                 f"available: {sorted(map(str, weights))}"
             )
-        tid = _task_index(model, task)
-        key = tid if tid in weights else str(tid) if str(tid) in weights else task
+        if task in weights:
+            key = task
+        else:
+            tid = _task_index(model, task)
+            key = tid if tid in weights else str(tid)
         if key not in weights:
             raise ValueError(f"`task` {task!r} has no measured gates; available: {sorted(map(str, weights))}")
         return resolve_weights(model, weights[key], None)
@@ -590,12 +600,11 @@ def _export_one(
 
 
 def _folder_name(model: nn.Module, tid: Any) -> str:
+    """The task's name (``config.task_names``, or a by-task gates key that is a name), else task_<id>."""
     names = _task_names(model)
-    if names and isinstance(tid, int) and 0 <= tid < len(names):
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(names[tid])).strip("._")
-        if safe:
-            return safe
-    return f"task_{tid}"
+    name = names[tid] if names and isinstance(tid, int) and 0 <= tid < len(names) else tid
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") if isinstance(name, str) else ""
+    return safe or f"task_{tid}"
 
 
 def _all_tasks(model: nn.Module, weights: Any) -> list[Any]:

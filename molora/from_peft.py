@@ -140,16 +140,12 @@ def read_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
     return LoraAdapter(path=path, config=config, factors=factors, scalings=scalings)
 
 
-def _base_name(base: nn.Module) -> str | None:
-    name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
-    return name or None
-
-
 def _check_against_base(adapters: Sequence[LoraAdapter], base: nn.Module, check_base_name: bool) -> None:
     """Module names and shapes of every adapter against the (not yet injected) base model."""
+    from molora.io import base_model_name
     from molora.layer import linear_shape
 
-    base_name = _base_name(base)
+    base_name = base_model_name(base)
     modules = dict(base.named_modules())
     for i, adapter in enumerate(adapters):
         recorded = adapter.base_model_name_or_path

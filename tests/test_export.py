@@ -215,6 +215,30 @@ def test_cat_export_matches_dense_reference(kind, tmp_path):
     torch.testing.assert_close(_logits(merged, ids), expected, atol=1e-5, rtol=1e-4)
 
 
+def test_modules_to_save_are_exported(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification(
+        LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=64, vocab_size=VOCAB, num_labels=3, pad_token_id=0)
+    )
+    fresh = copy.deepcopy(base)
+    cfg = MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, r=2, router="soft", modules_to_save=["score"])
+    model = get_molora_model(base, cfg)
+    ids = _inputs()
+    loss = model(input_ids=ids, labels=torch.tensor([0, 2])).loss
+    loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    model.eval()
+    model.export_merged_adapter(tmp_path / "cls", weights="uniform")
+    assert json.loads((tmp_path / "cls" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    ref = _dense_reference(model, fresh, {n: torch.full((2,), 0.5) for n in model.molora_layers()})
+    ref.score.load_state_dict(base.score.state_dict())
+    assert not torch.equal(ref.score.weight, fresh.score.weight)  # the head did train
+    torch.testing.assert_close(_logits(_load_peft(fresh, tmp_path / "cls"), ids), _logits(ref, ids), atol=1e-5, rtol=1e-4)
+
+
 def test_uniform_and_tensor_weights_and_zero_layer(tmp_path):
     model, fresh = _trained("llama", router="soft")
     ids = _inputs()
