@@ -113,8 +113,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from molora import MoLoRAConfig, MoLoRALinear, get_molora_model, measure_gates  # noqa: E402
 
-peft = pytest.importorskip("peft")
-
 VOCAB = 128
 
 
@@ -174,6 +172,7 @@ def _dense_reference(model, fresh, gates):
 
 def _load_peft(fresh, path):
     """PeftModel on a copy of the base; asserts the file and PEFT's modules have the same keys."""
+    pytest.importorskip("peft")
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
@@ -224,7 +223,9 @@ def test_modules_to_save_are_exported(tmp_path):
                     intermediate_size=64, vocab_size=VOCAB, num_labels=3, pad_token_id=0)
     )
     fresh = copy.deepcopy(base)
-    cfg = MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, r=2, router="soft", modules_to_save=["score"])
+    cfg = MoLoRAConfig(
+        target_modules=["q_proj", "v_proj"], num_experts=2, r=2, router="soft", modules_to_save=["score"]
+    )
     model = get_molora_model(base, cfg)
     ids = _inputs()
     loss = model(input_ids=ids, labels=torch.tensor([0, 2])).loss
@@ -236,7 +237,8 @@ def test_modules_to_save_are_exported(tmp_path):
     ref = _dense_reference(model, fresh, {n: torch.full((2,), 0.5) for n in model.molora_layers()})
     ref.score.load_state_dict(base.score.state_dict())
     assert not torch.equal(ref.score.weight, fresh.score.weight)  # the head did train
-    torch.testing.assert_close(_logits(_load_peft(fresh, tmp_path / "cls"), ids), _logits(ref, ids), atol=1e-5, rtol=1e-4)
+    got = _logits(_load_peft(fresh, tmp_path / "cls"), ids)
+    torch.testing.assert_close(got, _logits(ref, ids), atol=1e-5, rtol=1e-4)
 
 
 def test_uniform_and_tensor_weights_and_zero_layer(tmp_path):
@@ -298,7 +300,8 @@ def test_svd_full_rank_exact_and_truncation_optimal(tmp_path):
         delta = dense_delta(layer.lora_A.detach(), layer.lora_B.detach(), gates[name], layer.scaling).double()
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         best = (u[:, :3] * s[:3]) @ vh[:3]
-        got = saved[f"base_model.model.{name}.lora_B.weight"].double() @ saved[f"base_model.model.{name}.lora_A.weight"].double()
+        prefix = f"base_model.model.{name}"
+        got = saved[f"{prefix}.lora_B.weight"].double() @ saved[f"{prefix}.lora_A.weight"].double()
         torch.testing.assert_close(got, best, atol=1e-5, rtol=1e-4)
         err = float(torch.linalg.norm(delta - best) / torch.linalg.norm(delta))
         assert report["layers"][name]["rel_error"] == pytest.approx(err, rel=1e-4, abs=1e-6)
@@ -404,7 +407,9 @@ def test_cli_export_adapter_tasks_and_merged_base(tmp_path, capsys):
     _llama().save_pretrained(str(base_dir))
     base = AutoModelForCausalLM.from_pretrained(str(base_dir))
     fresh = copy.deepcopy(base)
-    cfg = MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=4, r=2, lora_alpha=8, router="task", num_tasks=2)
+    cfg = MoLoRAConfig(
+        target_modules=["q_proj", "v_proj"], num_experts=4, r=2, lora_alpha=8, router="task", num_tasks=2
+    )
     model = get_molora_model(base, cfg)
     ids = _inputs(seed=7)
     model(input_ids=ids, labels=ids, task_ids=torch.tensor([0, 1])).loss.backward()
@@ -413,7 +418,8 @@ def test_cli_export_adapter_tasks_and_merged_base(tmp_path, capsys):
     model.save_pretrained(tmp_path / "run" / "final")
     ids = _inputs()
 
-    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "all"), "--task", "all", "--no-progress"]) == 0
+    out_all = str(tmp_path / "all")
+    assert main(["export", str(tmp_path / "run"), "--out", out_all, "--task", "all", "--no-progress"]) == 0
     table = capsys.readouterr().out
     assert "rel. error" in table and "model.layers.1.self_attn.v_proj" in table
     for t in (0, 1):

@@ -59,7 +59,9 @@ def test_peft_adapters_with_different_ranks_and_scalings(tmp_path):
     paths = [
         _peft_adapter(base, tmp_path / "a0", 0, r=2, lora_alpha=4),
         _peft_adapter(base, tmp_path / "a1", 1, r=4, lora_alpha=3, use_rslora=True),
-        _peft_adapter(base, tmp_path / "a2", 2, r=2, lora_alpha=8, rank_pattern={"v_proj": 3}, alpha_pattern={"v_proj": 5}),
+        _peft_adapter(
+            base, tmp_path / "a2", 2, r=2, lora_alpha=8, rank_pattern={"v_proj": 3}, alpha_pattern={"v_proj": 5}
+        ),
     ]
     ids = _ids()
     expected = [_logits(PeftModel.from_pretrained(copy.deepcopy(base), str(p)).eval(), ids) for p in paths]
@@ -94,7 +96,8 @@ def test_round_trip_export_single_experts_then_rebuild(tmp_path):
     _route_task_i_to_expert_i(rebuilt)
     rebuilt.eval()
     for i in range(3):
-        torch.testing.assert_close(_logits(rebuilt, ids, task_ids=torch.tensor([i, i])), expected[i], atol=1e-5, rtol=1e-4)
+        got = _logits(rebuilt, ids, task_ids=torch.tensor([i, i]))
+        torch.testing.assert_close(got, expected[i], atol=1e-5, rtol=1e-4)
     # with the original scaling folded back, expert i equals the trained expert i exactly
     for name, layer in rebuilt.molora_layers().items():
         orig = model.molora_layers()[name]

@@ -39,7 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "write it as a PEFT LoRA adapter (or fold it into the base weights)."
         ),
     )
-    parser.add_argument("source", metavar="RUN_OR_ADAPTER_DIR", help="saved MoLoRA adapter, or a run folder holding one")
+    parser.add_argument(
+        "source", metavar="RUN_OR_ADAPTER_DIR", help="saved MoLoRA adapter, or a run folder holding one"
+    )
     parser.add_argument("--out", required=True, help="output folder (adapter, one folder per task, or merged model)")
     parser.add_argument("--task", default=None, help="task id or name, or 'all' (one adapter folder per task)")
     parser.add_argument(
