@@ -123,6 +123,7 @@ class DataSection:
         max_length: tokens per example.
         prompt_column, response_column, text_column, label_column: default column names.
         max_eval_examples: cap on each task's eval examples.
+        pad_to_multiple_of: pad batches to a multiple of this length (fewer distinct shapes).
         cache_dir: ``datasets`` cache for the loaded files (default: its own cache).
     """
 
@@ -136,6 +137,7 @@ class DataSection:
     text_column: str = "text"
     label_column: str = "label"
     max_eval_examples: int | None = None
+    pad_to_multiple_of: int | None = None
     cache_dir: str | None = None
 
 
@@ -372,7 +374,7 @@ def _build_data(raw: dict[str, Any], problems: list[str], *, overridden: set[str
         task = _to_dataclass(TaskSpec, spec, key, problems)
         if task is None:
             continue
-        if task.train is None:
+        if task.train is None and spec.get("train") != MISSING:
             problems.append(f"'{key}.train' is required: the task's training file")
         for which in ("train", "eval"):
             value = getattr(task, which)
@@ -413,6 +415,7 @@ def _check_data(data: DataSection, model: ModelSection, problems: list[str]) -> 
     _at_least(problems, "data.max_length", data.max_length, 1)
     _at_least(problems, "data.num_samples", data.num_samples, 1)
     _at_least(problems, "data.max_eval_examples", data.max_eval_examples, 1)
+    _at_least(problems, "data.pad_to_multiple_of", data.pad_to_multiple_of, 1)
 
 
 def _check_train(t: TrainSection, problems: list[str]) -> None:

@@ -430,7 +430,7 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
     tokenizer = _load_tokenizer(config)
     with accelerator.main_process_first():
         train_ds, eval_sets = _build_data(config, tokenizer)
-    collator = MultitaskCollator.from_tokenizer(tokenizer)
+    collator = MultitaskCollator.from_tokenizer(tokenizer, pad_to_multiple_of=config.data.pad_to_multiple_of)
 
     base = _load_base_model(config, tokenizer)
     if ckpt is not None:

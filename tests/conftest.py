@@ -1,0 +1,115 @@
+"""Shared test fixtures: tiny models built from config, the repo's configs, offline settings.
+
+Everything here is hermetic: no network (HF_HUB_OFFLINE), no downloaded weights or data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS_DIR = REPO_ROOT / "configs"
+TINY_CONFIG = CONFIGS_DIR / "tiny.yaml"
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama_config(**overrides):
+    """The project's standard tiny Llama config (2 layers, hidden 32, vocab 128)."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=128,
+        max_position_embeddings=128,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def build_tiny_llama(seed: int = 0, **overrides):
+    """A randomly initialized (seeded) tiny LlamaForCausalLM."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_llama_config(**overrides))
+
+
+def build_tiny_gpt2(seed: int = 0, **overrides):
+    """A randomly initialized (seeded) tiny GPT2LMHeadModel (Conv1D layers)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    kwargs = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=128)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(GPT2Config(**kwargs))
+
+
+@pytest.fixture
+def tiny_llama():
+    """Factory fixture: ``tiny_llama(seed=0, **config_overrides)`` -> LlamaForCausalLM."""
+    return build_tiny_llama
+
+
+@pytest.fixture
+def tiny_gpt2():
+    """Factory fixture: ``tiny_gpt2(seed=0, **config_overrides)`` -> GPT2LMHeadModel."""
+    return build_tiny_gpt2
+
+
+@pytest.fixture
+def tiny_config_path() -> Path:
+    """configs/tiny.yaml: two synthetic tasks (configs/data/), tiny Llama from config."""
+    return TINY_CONFIG
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """Factory: dotted overrides that make configs/tiny.yaml a few-second test run in tmp_path."""
+
+    def make(out: str = "run", extra: dict | None = None) -> list[str]:
+        values = {
+            "train.output_dir": str(tmp_path / out),
+            "data.cache_dir": str(tmp_path / "ds_cache"),
+            "train.max_steps": 6,
+            "train.grad_accum": 1,
+            "train.batch_size": 4,
+            "train.eval_every": 3,
+            "train.save_every": 3,
+            "train.log_every": 1,
+            "train.max_eval_batches": 2,
+            "train.progress_bar": False,
+        }
+        values.update(extra or {})
+        return [f"{k}={v}" for k, v in values.items()]
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu`-marked tests without CUDA."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
