@@ -153,6 +153,89 @@ class _GroupedLoRA(torch.autograd.Function):
         return grad_x, grad_A, grad_B, grad_w, None, None, None, None, None
 
 
+class _HybridLoRA(torch.autograd.Function):
+    """Sparse expert sum with a dense down-projection and a grouped up-projection.
+
+    The down-projection of every token onto all N experts, h_all = x A_cat^T (T, N*r), is one
+    GEMM that reads x once; the pairs' rows are then picked out of it (P*r values), instead of
+    gathering a (T*k, in) copy of x for a grouped GEMM. It does N/k times the down-projection
+    FLOPs of ``grouped`` but, while N*r is small (a thin GEMM, bound by reading x), costs less
+    than the gather plus the grouped GEMM. The up-projection stays grouped (k/N of the dense
+    work). Backward: grad_x and grad_A are two dense GEMMs on the (T, N*r) gradient, which is
+    zero outside the chosen experts. Saved: x, the (P, r) h and the (P,) gates: O(T*k*r).
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, top_w, order, token, slot, offs, scaling, use_kernel):
+        num_tokens = x.shape[0]
+        num_experts, rank, in_features = lora_A.shape
+        gate = top_w.reshape(-1).index_select(0, order).to(x.dtype) * scaling  # (P,)
+        h_all = x @ lora_A.reshape(num_experts * rank, in_features).t()  # (T, N*r)
+        h = h_all.view(num_tokens * num_experts, rank).index_select(0, slot)  # (P, r)
+        del h_all
+        ys = gmm(h * gate[:, None], lora_B.transpose(1, 2), offs, use_kernel=use_kernel)  # (P, out)
+        out = ys.new_zeros(num_tokens, ys.shape[1]).index_add_(0, token, ys)  # (T, out)
+        ctx.save_for_backward(x, lora_A, lora_B, order, token, slot, offs, gate, h)
+        ctx.scaling, ctx.use_kernel = scaling, use_kernel
+        ctx.top_w_shape, ctx.top_w_dtype = top_w.shape, top_w.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lora_A, lora_B, order, token, slot, offs, gate, h = ctx.saved_tensors
+        use_kernel = ctx.use_kernel
+        num_tokens = x.shape[0]
+        num_experts, rank, in_features = lora_A.shape
+        need_x, need_A, need_B, need_w = ctx.needs_input_grad[:4]
+        gys = grad_out.contiguous().index_select(0, token)  # (P, out)
+        grad_x = grad_A = grad_B = grad_w = None
+        if need_B:
+            grad_B = gmm_wgrad(h * gate[:, None], gys, offs, use_kernel=use_kernel).transpose(1, 2).contiguous()
+        if not (need_x or need_A or need_w):
+            return grad_x, grad_A, grad_B, grad_w, None, None, None, None, None, None
+        d_hg = gmm(gys, lora_B, offs, use_kernel=use_kernel)  # (P, r)
+        del gys
+        if need_w:
+            d_gate = (d_hg * h).sum(-1) * ctx.scaling  # (P,)
+            grad_w = torch.empty_like(d_gate).index_copy_(0, order, d_gate)
+            grad_w = grad_w.view(ctx.top_w_shape).to(ctx.top_w_dtype)  # (T, k)
+        if need_x or need_A:
+            dh = d_hg * gate[:, None]  # (P, r)
+            dh_all = dh.new_zeros(num_tokens * num_experts, rank).index_copy_(0, slot, dh)
+            dh_all = dh_all.view(num_tokens, num_experts * rank)  # (T, N*r), zero off the chosen experts
+            if need_x:
+                grad_x = dh_all @ lora_A.reshape(num_experts * rank, in_features)  # (T, in)
+            if need_A:
+                grad_A = (dh_all.t() @ x).view(num_experts, rank, in_features)  # (N, r, in)
+        return grad_x, grad_A, grad_B, grad_w, None, None, None, None, None, None
+
+
+def hybrid_experts(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor | None,
+    scaling: float,
+    *,
+    use_kernel: bool = True,
+) -> torch.Tensor:
+    """Sparse routing with a dense down-projection (x read once) and a grouped up-projection.
+
+    See :class:`_HybridLoRA`; dense routing is treated as top-N.
+    """
+    num_experts = lora_A.shape[0]
+    if indices is None:
+        indices = torch.arange(num_experts, device=x.device).expand(x.shape[0], -1)
+    top_w = weights.gather(1, indices)  # (T, k)
+    with torch.no_grad():
+        order, token, offs = sort_pairs(indices, num_experts)
+        slot = token * num_experts + indices.reshape(-1).index_select(0, order)  # (P,) row in (T*N, r)
+    return _HybridLoRA.apply(
+        x.contiguous(), lora_A, lora_B, top_w, order, token, slot, offs, float(scaling), use_kernel
+    )
+
+
 def grouped_experts(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -214,6 +297,7 @@ EXPERT_IMPLS: dict[str, ExpertFn] = {
     "dense": dense_experts,
     "grouped": grouped_experts,
     "grouped_bmm": grouped_bmm_experts,
+    "hybrid": hybrid_experts,
     "auto": auto_experts,
 }
 

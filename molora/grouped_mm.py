@@ -21,27 +21,34 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
-    """16-byte aligned base pointers and non-unit strides (the CUDA kernel's layout rule)."""
+    """The layout ``F.grouped_mm`` accepts: a 16-byte aligned base, one of the last two dims
+    with unit stride and every other stride a multiple of 16 bytes (conservative)."""
     for t in tensors:
-        size = t.element_size()
         if t.data_ptr() % 16:
             return False
-        for stride, dim in zip(t.stride(), t.shape):
-            if dim > 1 and stride != 1 and (stride * size) % 16:
-                return False
+        align = max(1, 16 // t.element_size())
+        rows, cols = t.stride()[-2], t.stride()[-1]
+        if cols == 1:
+            lead = rows
+        elif rows == 1:
+            lead = cols
+        else:
+            return False
+        if lead % align or (t.dim() == 3 and t.stride(0) % align):
+            return False
     return True
 
 
 def _use_grouped_mm(a: torch.Tensor, b: torch.Tensor, use_kernel: bool) -> bool:
     """Whether to call ``F.grouped_mm`` on these operands.
 
-    On CPU torch runs it as one ``mm`` per group (any dtype, any strides). On CUDA it is a
-    CUTLASS grouped GEMM for bf16 on sm90+ (and a per-group ``mm`` loop elsewhere in recent
-    torch); both need 16-byte aligned strides, which the padded fallback does not.
+    On CPU torch runs it as one ``mm`` per group; on CUDA it is a CUTLASS grouped GEMM for
+    bf16 on sm90+ (and a per-group ``mm`` loop elsewhere in recent torch). Both check that
+    strides are 16-byte multiples, which the padded fallback does not need.
     """
     if not (use_kernel and _HAS_GROUPED_MM and a.dtype == b.dtype and a.device == b.device):
         return False
-    return a.device.type == "cpu" or _aligned(a, b)
+    return _aligned(a, b)
 
 
 def _row_slots(offs: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:

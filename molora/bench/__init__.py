@@ -1,0 +1,7 @@
+"""Benchmarks behind ``molora bench`` and ``benchmarks/bench_*.py``: layer and training steps.
+
+Submodules are imported on use (``molora.bench.layer``, ``molora.bench.train``) so that
+importing this package stays cheap.
+"""
+
+__all__ = ["layer", "train"]

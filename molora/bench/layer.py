@@ -1,0 +1,269 @@
+"""One linear layer, forward+backward: frozen base, PEFT LoRA, and every molora compute path.
+
+Gradients are taken for x, the adapters and the router (W0 frozen), as in fine-tuning. All
+variants run interleaved in one process; the table gives medians and ratios to the frozen
+base linear and to PEFT LoRA of the same rank r, plus the activation memory: on CPU the bytes
+autograd saves (``saved_tensors_hooks``; deterministic), on CUDA ``max_memory_allocated``
+above the inputs during one fwd+bwd.
+
+    python benchmarks/bench_layer.py                   # CPU: T=2048, d=1024, N=8, r=16, top-2
+    molora bench layer --threads 1 --markdown benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from molora.bench.report import (
+    command_line,
+    environment,
+    environment_markdown,
+    format_table,
+    median,
+    saved_bytes,
+    time_interleaved,
+    update_markdown,
+)
+from molora.experts import EXPERT_IMPLS
+from molora.layer import MoLoRALinear
+from routers import SoftRouter, TaskRouter, TopKRouter
+
+ROUTER_KINDS = ("topk", "soft", "task", "task_topk")
+MOLORA_IMPLS = ("auto", "dense", "grouped", "grouped_bmm", "eager")
+_CPU_DEFAULTS = {"tokens": 2048, "dim": 1024, "dtype": "float32"}
+_CUDA_DEFAULTS = {"tokens": 4096, "dim": 4096, "dtype": "bfloat16"}
+
+
+@dataclass
+class Variant:
+    """One row of the table: a module to run on x (batch, seq, in) and its trainable tensors."""
+
+    name: str
+    module: nn.Module
+    trainable: list[torch.Tensor]
+    frozen: list[torch.Tensor] = field(default_factory=list)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", "-T", type=int, default=None, help="T (CPU 2048, CUDA 4096)")
+    parser.add_argument("--dim", "-d", type=int, default=None, help="in = out features (CPU 1024, CUDA 4096)")
+    parser.add_argument("--out-features", type=int, default=None, help="out features if different from --dim")
+    parser.add_argument("--experts", "-N", type=int, default=8)
+    parser.add_argument("--rank", "-r", type=int, default=16)
+    parser.add_argument("--top-k", "-k", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8, help="sequences T is split into (task ids are per sequence)")
+    parser.add_argument("--num-tasks", type=int, default=4)
+    parser.add_argument("--routers", default="topk,soft,task", help=f"comma list of {ROUTER_KINDS}")
+    parser.add_argument("--impls", default=",".join(MOLORA_IMPLS), help="comma list of molora expert paths")
+    parser.add_argument("--no-peft", action="store_true", help="skip the PEFT LoRA rows")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (medians)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", default=None, metavar="VARIANT", help="also print a torch.profiler table for it")
+    parser.add_argument("--markdown", default=None, metavar="PATH", help="write/update this section of RESULTS.md")
+
+
+def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, int, int, int]:
+    name = args.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    defaults = _CUDA_DEFAULTS if device.type == "cuda" else _CPU_DEFAULTS
+    dtype = getattr(torch, args.dtype or defaults["dtype"])
+    tokens = args.tokens or defaults["tokens"]
+    in_features = args.dim or defaults["dim"]
+    out_features = args.out_features or in_features
+    return device, dtype, tokens, in_features, out_features
+
+
+def _frozen_linear(in_features: int, out_features: int, device, dtype) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
+    layer.weight.requires_grad_(False)
+    return layer
+
+
+def _peft_lora(base: nn.Linear, rank: int, device, dtype) -> Variant:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    holder = nn.ModuleDict({"proj": base})
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"]), holder)
+    module = holder["proj"].to(device=device, dtype=dtype)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in trainable:
+            if p.dim() == 2 and p.shape[0] != rank:  # lora_B (out, r): non-zero, as after training
+                p.normal_(std=0.02)
+    return Variant(f"peft_lora r={rank}", module, trainable, [base.weight])
+
+
+def _router(kind: str, in_features: int, num_experts: int, top_k: int, num_tasks: int) -> nn.Module:
+    if kind == "topk":
+        return TopKRouter(in_features, num_experts=num_experts, top_k=top_k)
+    if kind == "soft":
+        return SoftRouter(in_features, num_experts=num_experts)
+    if kind == "task":
+        return TaskRouter(num_experts=num_experts, num_tasks=num_tasks)
+    if kind == "task_topk":
+        return TaskRouter(num_experts=num_experts, num_tasks=num_tasks, top_k=top_k)
+    raise ValueError(f"unknown router kind {kind!r}; choose from {list(ROUTER_KINDS)}")
+
+
+def _router_label(kind: str, top_k: int, num_experts: int) -> str:
+    return {"topk": f"top{top_k}", "soft": f"soft{num_experts}", "task": "task", "task_topk": f"task-top{top_k}"}[kind]
+
+
+def build_variants(args: argparse.Namespace, device, dtype, in_features: int, out_features: int) -> list[Variant]:
+    """All rows, built with the same seed so that every variant sees the same W0."""
+    torch.manual_seed(args.seed)
+    base_weight = _frozen_linear(in_features, out_features, device, dtype).weight.detach().clone()
+
+    def base_copy() -> nn.Linear:
+        layer = _frozen_linear(in_features, out_features, device, dtype)
+        with torch.no_grad():
+            layer.weight.copy_(base_weight)
+        return layer
+
+    base = base_copy()
+    variants = [Variant("base (frozen W0)", base, [], [base.weight])]
+    if not args.no_peft:
+        variants.append(_peft_lora(base_copy(), args.rank, device, dtype))
+        variants.append(_peft_lora(base_copy(), args.top_k * args.rank, device, dtype))
+    for kind in [k.strip() for k in args.routers.split(",") if k.strip()]:
+        for impl in [i.strip() for i in args.impls.split(",") if i.strip()]:
+            if impl not in EXPERT_IMPLS:
+                raise ValueError(f"unknown impl {impl!r}; choose from {sorted(EXPERT_IMPLS)}")
+            layer_base = base_copy()
+            layer = MoLoRALinear(
+                layer_base,
+                num_experts=args.experts,
+                r=args.rank,
+                lora_alpha=2 * args.rank,
+                router=_router(kind, in_features, args.experts, args.top_k, args.num_tasks),
+                expert_impl=impl,
+                adapter_dtype=dtype,
+            ).to(device)
+            with torch.no_grad():
+                layer.lora_B.normal_(std=0.02)
+            trainable = [p for p in layer.parameters() if p.requires_grad]
+            name = f"molora {_router_label(kind, args.top_k, args.experts)} {impl}"
+            variants.append(Variant(name, layer, trainable, [layer_base.weight]))
+    return variants
+
+
+def _inputs(args, device, dtype, tokens: int, in_features: int, out_features: int):
+    batch = args.batch if tokens % args.batch == 0 else 1
+    x = torch.randn(batch, tokens // batch, in_features, device=device, dtype=dtype)
+    grad_out = torch.randn(batch, tokens // batch, out_features, device=device, dtype=dtype)
+    task_ids = torch.arange(batch, device=device) % args.num_tasks  # (batch,)
+    return x, grad_out, task_ids
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype, tokens, in_features, out_features = _resolve(args)
+    variants = build_variants(args, device, dtype, in_features, out_features)
+    x, grad_out, task_ids = _inputs(args, device, dtype, tokens, in_features, out_features)
+    for v in variants:
+        if isinstance(v.module, MoLoRALinear):
+            v.module.routing_context.task_ids = task_ids
+    x.requires_grad_(True)
+
+    def fwd_bwd(variant: Variant):
+        def step():
+            variant.module(x).backward(grad_out)
+
+        return step
+
+    def reset(_name: str | None = None) -> None:
+        x.grad = None
+        for v in variants:
+            for p in v.trainable:
+                p.grad = None
+
+    steps = {v.name: fwd_bwd(v) for v in variants}
+    times = time_interleaved(steps, repeats=args.repeats, warmup=args.warmup, device=device, before_each=reset)
+    memory = {v.name: _activation_memory(v, x, grad_out, device, reset) for v in variants}
+
+    base_ms = median(times[variants[0].name]) * 1e3
+    peft_name = f"peft_lora r={args.rank}"
+    peft_ms = median(times[peft_name]) * 1e3 if peft_name in times else float("nan")
+    mem_header = "peak MiB" if device.type == "cuda" else "saved act MiB"
+    headers = ["variant", "ms", "x base", f"x LoRA r={args.rank}", "min ms", mem_header]
+    rows = []
+    for v in variants:
+        ms = median(times[v.name]) * 1e3
+        rows.append(
+            [v.name, f"{ms:.2f}", f"{ms / base_ms:.3f}", f"{ms / peft_ms:.3f}", f"{min(times[v.name]) * 1e3:.2f}", f"{memory[v.name]:.1f}"]
+        )
+    shape = (
+        f"T={tokens}, in={in_features}, out={out_features}, N={args.experts}, r={args.rank}, top-{args.top_k}, "
+        f"{str(dtype).replace('torch.', '')}, {device.type}, fwd+bwd (grads: x, adapters, router; W0 frozen), "
+        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up"
+    )
+    print(f"bench_layer: {shape}")
+    print(format_table(headers, rows))
+    if args.profile:
+        _profile(args.profile, steps, reset)
+    if args.markdown:
+        info = environment(device)
+        body = "\n\n".join(
+            [
+                "## Layer: forward+backward of one linear layer",
+                environment_markdown(info, command_line()),
+                shape,
+                format_table(headers, rows, markdown=True),
+            ]
+        )
+        update_markdown(args.markdown, f"bench_layer_{device.type}", body)
+        print(f"updated {args.markdown}")
+    return 0
+
+
+def _activation_memory(variant: Variant, x, grad_out, device, reset) -> float:
+    """MiB: saved activations (CPU) or the allocator peak above what is live (CUDA)."""
+    reset()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        variant.module(x).backward(grad_out)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        reset()
+        return peak / 2**20
+    exclude = [*variant.trainable, *variant.frozen, x]
+    nbytes = saved_bytes(lambda: variant.module(x), exclude)
+    return nbytes / 2**20
+
+
+def _profile(name: str, steps: dict, reset) -> None:
+    matches = [name] if name in steps else [n for n in steps if name in n]
+    if not matches:
+        print(f"--profile {name!r} matches no variant; choose from {list(steps)}")
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for match in matches:
+        reset()
+        steps[match]()
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                reset()
+                steps[match]()
+        print(f"\nprofile of {match!r} (3 fwd+bwd):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_layer", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

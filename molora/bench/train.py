@@ -1,0 +1,324 @@
+"""Whole training steps of a Llama-shaped model built from config, all linear layers targeted.
+
+Variants (same base weights, same batch): PEFT LoRA r and k*r, molora (top-k of N, soft N,
+task), and the ``mixlora`` package from PyPI (MixLoRA: LoRA on attention, a top-k MoE of LoRA
+experts on the FFN, same r and N, random weights) when it is installed. mixlora is never a
+molora dependency: install it in the benchmark environment only
+(``pip install --no-deps mixlora==0.2.3``); if it is missing or fails beside this
+transformers, its row says why.
+
+One step = forward with labels (molora adds its balancing loss), backward, AdamW step. The
+table gives tokens/s (median step), the ratio of step time to PEFT LoRA r, trainable
+parameters and memory: activation bytes saved by autograd on CPU (deterministic), allocator
+peak on CUDA.
+
+    python benchmarks/bench_train.py --threads 1 --markdown benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from molora.bench.report import (
+    command_line,
+    environment,
+    environment_markdown,
+    format_table,
+    median,
+    saved_bytes,
+    time_interleaved,
+    update_markdown,
+)
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ("peft_r", "peft_kr", "molora_topk", "molora_soft", "molora_task", "mixlora")
+
+
+@dataclass
+class TrainVariant:
+    name: str
+    step: Callable[[], float] | None = None
+    params: list[torch.Tensor] = field(default_factory=list)
+    frozen: list[torch.Tensor] = field(default_factory=list)
+    forward: Callable[[], object] | None = None
+    error: str | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=None, help="FFN size (default ~2.7x hidden, as Llama)")
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--experts", "-N", type=int, default=8)
+    parser.add_argument("--rank", "-r", type=int, default=16)
+    parser.add_argument("--top-k", "-k", type=int, default=2)
+    parser.add_argument("--num-tasks", type=int, default=4)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", default=None, metavar="PATH")
+
+
+def _llama(args, device, dtype) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    intermediate = args.intermediate or int(round(args.hidden * 8 / 3 / 64)) * 64
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        intermediate_size=intermediate,
+        vocab_size=args.vocab,
+        max_position_embeddings=max(args.seq, 128),
+    )
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    model.requires_grad_(False)
+    return model
+
+
+def _make_step(model: nn.Module, params: list[torch.Tensor], batch: dict) -> tuple[Callable, Callable]:
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def forward():
+        return model(**batch)
+
+    def step() -> float:
+        loss = forward().loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step, forward
+
+
+def _peft(base: nn.Module, rank: int, batch: dict, name: str) -> TrainVariant:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
+    _randomize_lora_b(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step, forward = _make_step(model, params, batch)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    return TrainVariant(name, step, params, frozen, forward)
+
+
+def _randomize_lora_b(model: nn.Module) -> None:
+    """Non-zero B, as after some training (B = 0 at init would not change the timing, but keeps
+    the losses of the variants apart from each other's for the sanity column)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.01)
+
+
+def _molora(base: nn.Module, args, batch: dict, router: str, name: str) -> TrainVariant:
+    from molora import MoLoRAConfig, get_molora_model
+
+    kw: dict = {"router": router}
+    if router == "topk":
+        kw["top_k"] = args.top_k
+    if router == "task":
+        kw["num_tasks"] = args.num_tasks
+    cfg = MoLoRAConfig(target_modules=TARGETS, num_experts=args.experts, r=args.rank, lora_alpha=2 * args.rank, **kw)
+    model = get_molora_model(base, cfg)
+    _randomize_lora_b(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    task_batch = dict(batch)
+    if router == "task":
+        task_batch["task_ids"] = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device) % args.num_tasks
+    step, forward = _make_step(model, params, task_batch)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    return TrainVariant(name, step, params, frozen, forward)
+
+
+def _mixlora(base: nn.Module, args, batch: dict, name: str, dtype) -> TrainVariant:
+    """MixLoRA (mixlora 0.2.3): LoRA on q/k/v/o, a top-k MoE of LoRA experts on gate/up/down.
+
+    The package is written for inference from saved adapters, so the adapter weights are
+    created here (random A, small random B, normal router) and made trainable; its LoRA
+    modules assert dropout > 0, so dropout is built with p > 0 then replaced by identity to
+    match the other variants (no dropout).
+    """
+    try:
+        import mixlora
+        from mixlora import MixLoraConfig, inject_adapter_in_model
+    except Exception as exc:  # noqa: BLE001 - report any import failure in the table
+        return TrainVariant(name, error=f"mixlora not importable ({type(exc).__name__}: {exc}); "
+                            "install it in the benchmark env: pip install --no-deps mixlora==0.2.3")
+    try:
+        config = MixLoraConfig.from_config(
+            {
+                "base_model_name_or_path": "random-llama",
+                "task_type": "CAUSAL_LM",
+                "peft_type": "MIXLORA",
+                "r": args.rank,
+                "lora_alpha": 2 * args.rank,
+                "lora_dropout": 0.05,
+                "target_modules": TARGETS,
+                "routing_strategy": "mixlora",
+                "num_experts": args.experts,
+                "top_k": args.top_k,
+                "act_fn": "silu",
+            }
+        )
+        config.adapter_name_ = "default"
+        config.dtype_ = dtype
+        config.check()
+        device = batch["input_ids"].device
+        hidden, inter = base.config.hidden_size, base.config.intermediate_size
+        shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
+                  "o_proj": (hidden, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+                  "down_proj": (inter, hidden)}  # (in, out)
+        weights: dict[str, torch.Tensor] = {}
+        gen = torch.Generator().manual_seed(args.seed)
+
+        def lora(prefix: str, proj: str) -> None:
+            fan_in, fan_out = shapes[proj]
+            weights[f"{prefix}.lora_A.weight"] = (torch.rand(args.rank, fan_in, generator=gen) - 0.5) * (2 / fan_in**0.5)
+            weights[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, args.rank, generator=gen) * 0.01
+
+        for i in range(base.config.num_hidden_layers):
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                lora(f"mixlora.layers.{i}.self_attn.{proj}", proj)
+            weights[f"mixlora.layers.{i}.mlp.moe_gate.weight"] = torch.randn(args.experts, hidden, generator=gen) * 0.02
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                for e in range(args.experts):
+                    lora(f"mixlora.layers.{i}.mlp.{proj}.experts.{e}", proj)
+        weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        inject_adapter_in_model(base, config, weights)
+        params: list[torch.Tensor] = []
+        for layer in base.model.layers:
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                module = getattr(layer.self_attn, proj)
+                module.dropout_ = nn.Identity()
+                params += [module.lora_A.weight, module.lora_B.weight]
+            moe = layer.mlp.mixlora_moes["default"]
+            moe.gate_.requires_grad_(True)
+            params.append(moe.gate_)
+            for expert in moe.experts_.values():
+                expert.dropout_ = nn.Identity()
+                params += [expert.lora_A.weight, expert.lora_B.weight]
+        for p in params:
+            p.requires_grad_(True)
+        step, forward = _make_step(base, params, batch)
+        step()  # fail here, not in the timed loop, if it does not run beside this transformers
+        frozen = list(base.parameters())
+        return TrainVariant(f"{name} ({mixlora.__name__} {_version('mixlora')})", step, params, frozen, forward)
+    except Exception as exc:  # noqa: BLE001 - a peer that does not run is a result, not a crash
+        return TrainVariant(name, error=f"mixlora failed beside transformers: {type(exc).__name__}: {exc}"[:300])
+
+
+def _version(dist: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def build_variants(args, device, dtype) -> tuple[list[TrainVariant], dict]:
+    base = _llama(args, device, dtype)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
+    batch = {"input_ids": ids, "labels": ids}
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for name in wanted:
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
+    kr = args.top_k * args.rank
+    builders = {
+        "peft_r": lambda m: _peft(m, args.rank, batch, f"peft_lora r={args.rank}"),
+        "peft_kr": lambda m: _peft(m, kr, batch, f"peft_lora r={kr}"),
+        "molora_topk": lambda m: _molora(m, args, batch, "topk", f"molora top{args.top_k} of {args.experts}"),
+        "molora_soft": lambda m: _molora(m, args, batch, "soft", f"molora soft {args.experts}"),
+        "molora_task": lambda m: _molora(m, args, batch, "task", f"molora task ({args.num_tasks} tasks)"),
+        "mixlora": lambda m: _mixlora(m, args, batch, f"mixlora top{args.top_k} of {args.experts}", dtype),
+    }
+    return [builders[name](copy.deepcopy(base)) for name in wanted], batch
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    device = torch.device(name)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    variants, batch = build_variants(args, device, dtype)
+    runnable = [v for v in variants if v.error is None]
+    times = time_interleaved({v.name: v.step for v in runnable}, repeats=args.repeats, warmup=args.warmup, device=device)
+    losses = {v.name: v.step() for v in runnable}
+    memory = {v.name: _memory(v, device) for v in runnable}
+    tokens = args.batch * args.seq
+    ref = next((v.name for v in runnable if v.name == f"peft_lora r={args.rank}"), None)
+    ref_s = median(times[ref]) if ref else float("nan")
+    mem_header = "peak MiB" if device.type == "cuda" else "saved act MiB"
+    headers = ["variant", "step ms", "tokens/s", f"x LoRA r={args.rank}", "trainable", mem_header, "loss"]
+    rows = []
+    for v in variants:
+        if v.error:
+            rows.append([v.name, "-", "-", "-", "-", "-", "-"])
+            continue
+        s = median(times[v.name])
+        n_params = sum(p.numel() for p in v.params)
+        rows.append([v.name, f"{s * 1e3:.0f}", f"{tokens / s:.0f}", f"{s / ref_s:.3f}", f"{n_params / 1e6:.2f}M",
+                     f"{memory[v.name]:.0f}", f"{losses[v.name]:.3f}"])
+    cfg = variants[0] if variants else None
+    shape = (
+        f"Llama from config: hidden={args.hidden}, layers={args.layers}, heads={args.heads}, vocab={args.vocab}, "
+        f"seq={args.seq}, batch={args.batch} ({tokens} tokens/step), {str(dtype).replace('torch.', '')}, {device.type}; "
+        f"targets: all linear layers ({', '.join(TARGETS)}); N={args.experts}, r={args.rank}, top-{args.top_k}; "
+        f"AdamW step; median of {args.repeats} interleaved steps after {args.warmup} warm-up"
+    )
+    notes = [f"- {v.name}: {v.error}" for v in variants if v.error]
+    print(f"bench_train: {shape}")
+    print(format_table(headers, rows))
+    for note in notes:
+        print(note)
+    del cfg
+    if args.markdown:
+        body = "\n\n".join(
+            [
+                "## Training steps: Llama-shaped model, all linear layers",
+                environment_markdown(environment(device), command_line()),
+                shape,
+                format_table(headers, rows, markdown=True),
+                *(["Notes:\n" + "\n".join(notes)] if notes else []),
+            ]
+        )
+        update_markdown(args.markdown, f"bench_train_{device.type}", body)
+        print(f"updated {args.markdown}")
+    return 0
+
+
+def _memory(variant: TrainVariant, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        variant.step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return saved_bytes(variant.forward, [*variant.params, *variant.frozen]) / 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_train", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
