@@ -57,6 +57,7 @@ __all__ = [
     "cat_factors",
     "dense_delta",
     "export_merged_adapter",
+    "gates_from_json",
     "load_gates",
     "measure_gates",
     "merge_and_unload",
@@ -428,8 +429,9 @@ def load_gates(path: str | os.PathLike) -> Gates | dict[int | str, Gates]:
     """Read gates written by :func:`save_gates` (JSON), or a safetensors file of (N,) tensors.
 
     JSON may be ``{layer: [w...]}``, ``{task: {layer: [w...]}}``, either under the key
-    ``"molora_gates"``, or ``{layer: {"gates": [w...], ...}}`` (``routing_stats()`` as JSON);
-    digit task keys become ints. Safetensors keys are layer names, or
+    ``"molora_gates"``, and a layer's entry may also be ``{"gates": [w...], ...}`` (the form
+    of ``routing_stats()`` and of the training loop's eval ``routing``); digit task keys
+    become ints. Safetensors keys are layer names, or
     ``"<task>/<layer>"`` for by-task gates.
     """
     path = Path(path)
@@ -442,16 +444,27 @@ def load_gates(path: str | os.PathLike) -> Gates | dict[int | str, Gates]:
                 out.setdefault(int(task) if task.isdigit() else task, {})[layer] = w.float()
             return out
         return {k: w.float() for k, w in flat.items()}
-    data = json.loads(path.read_text())
+    return gates_from_json(json.loads(path.read_text()))
+
+
+def _is_stats(g: Any) -> bool:
+    return isinstance(g, Mapping) and bool(g) and all(
+        isinstance(v, Mapping) and isinstance(v.get("gates"), list) for v in g.values()
+    )
+
+
+def gates_from_json(data: Mapping[str, Any]) -> Gates | dict[int | str, Gates]:
+    """Gates from parsed JSON in any form :func:`load_gates` reads (see there)."""
     data = data.get("molora_gates", data)
-    if data and all(isinstance(v, Mapping) and isinstance(v.get("gates"), list) for v in data.values()):
-        data = {n: v["gates"] for n, v in data.items()}  # routing_stats() style {layer: {"gates": [...]}}
-    if _is_by_task(data):
-        return {
-            (int(t) if t.isdigit() else t): {n: torch.tensor(w, dtype=torch.float32) for n, w in g.items()}
-            for t, g in data.items()
-        }
-    return {n: torch.tensor(w, dtype=torch.float32) for n, w in data.items()}
+
+    def layer_gates(g: Mapping[str, Any]) -> Gates:
+        if _is_stats(g):  # routing_stats() / train metrics: {layer: {"gates": [...], "load": ...}}
+            g = {n: v["gates"] for n, v in g.items()}
+        return {n: torch.tensor(w, dtype=torch.float32) for n, w in g.items()}
+
+    if _is_by_task(data) and not _is_stats(data):
+        return {(int(t) if str(t).isdigit() else t): layer_gates(g) for t, g in data.items()}
+    return layer_gates(data)
 
 
 # --------------------------------------------------------------------------- adapter format

@@ -437,6 +437,27 @@ def test_cli_export_adapter_tasks_and_merged_base(tmp_path, capsys):
         _logits(_dense_reference(model, fresh, gates), ids), atol=1e-5, rtol=1e-4,
     )
 
+    # measured gates from the training loop's metrics.jsonl (last eval record, per task)
+    (tmp_path / "run" / "gates.json").unlink()
+    layers = list(model.molora_layers())
+    per_task = {
+        "sum": {n: {"load": [1, 1, 0, 0], "gates": [0.6, 0.4, 0.0, 0.0], "tokens": 30} for n in layers},
+        "copy": {n: {"load": [0, 0, 1, 1], "gates": [0.0, 0.0, 0.2, 0.8], "tokens": 10} for n in layers},
+    }
+    records = [{"type": "train", "step": 1, "loss": 1.0}, {"type": "eval", "step": 1, "routing": per_task}]
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out_m = str(tmp_path / "measured")
+    assert main(["export", str(tmp_path / "run"), "--out", out_m, "--weights", "measured", "--task", "all",
+                 "--no-progress"]) == 0
+    copy_gates = {n: torch.tensor([0.0, 0.0, 0.2, 0.8]) for n in layers}
+    torch.testing.assert_close(
+        _logits(_load_peft(fresh, tmp_path / "measured" / "copy"), ids),
+        _logits(_dense_reference(model, fresh, copy_gates), ids), atol=1e-5, rtol=1e-4,
+    )
+    assert main(["export", str(tmp_path / "run"), "--out", out_m, "--weights", "measured", "--no-progress"]) == 0
+    pooled = json.loads((tmp_path / "measured" / "merge_report.json").read_text())["layers"][layers[0]]["weights"]
+    assert pooled == pytest.approx([0.45, 0.3, 0.05, 0.2])  # token-weighted over tasks (30 : 10)
+
     assert main(["export", str(tmp_path / "run" / "final"), "--out", str(tmp_path / "merged"), "--task", "1",
                  "--merge-into-base", "--no-progress"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
@@ -446,3 +467,20 @@ def test_cli_export_adapter_tasks_and_merged_base(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "not a folder" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "x"), "--weights", "bogus"]) == 2
+
+
+def test_cli_finds_the_adapter_of_a_run(tmp_path):
+    from molora.commands.export import find_adapter_dir
+
+    for step in (10, 200, 30):
+        sub = f"checkpoints/step_{step:07d}/adapter"
+        (tmp_path / "run" / sub).mkdir(parents=True)
+        (tmp_path / "run" / sub / "molora_config.json").write_text("{}")
+    assert find_adapter_dir(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step_0000200" / "adapter"
+    (tmp_path / "run" / "final").mkdir()
+    (tmp_path / "run" / "final" / "molora_config.json").write_text("{}")
+    assert find_adapter_dir(tmp_path / "run") == tmp_path / "run" / "final"
+    assert find_adapter_dir(tmp_path / "run" / "final") == tmp_path / "run" / "final"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no MoLoRA adapter"):
+        find_adapter_dir(tmp_path / "empty")

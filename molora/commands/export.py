@@ -5,19 +5,22 @@
 
 RUN_OR_ADAPTER_DIR is a folder written by ``MoLoRAModel.save_pretrained`` (it holds
 ``molora_config.json``) or a training run folder holding one: ``final/`` is preferred, then
-the highest ``checkpoint-<step>/``, then the only adapter folder found below it. The base model
+the highest step (``checkpoints/step_<n>/adapter/`` or ``checkpoint-<n>/``), then the only
+adapter folder found below it. The base model
 is loaded offline (``local_files_only``) from the ``base_model_name_or_path`` recorded in the
 adapter, or from ``--base``, with the class named in its config's ``architectures``.
 
 ``--weights measured`` reads gates written by :func:`molora.export.save_gates` (``gates.json``
-or ``gates.safetensors``) from the adapter folder or the run folder; ``FILE`` reads such a
-file from anywhere. Without ``--weights`` the task router's gates are used when ``--task`` is
+or ``gates.safetensors``) from the adapter folder or the run folder, else the per-task mean
+gates of the last eval in the run's ``metrics.jsonl`` (pooled over tasks, weighted by tokens,
+unless ``--task`` is given); ``FILE`` reads a gates file from anywhere. Without ``--weights`` the task router's gates are used when ``--task`` is
 given, and uniform weights otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 GATES_FILES = ("gates.json", "gates.safetensors")
+METRICS = "metrics.jsonl"  # written by molora.train; eval records hold per-task routing stats
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -74,7 +78,12 @@ def find_adapter_dir(source: str | os.PathLike) -> Path:
     if (root / "final" / CONFIG_NAME).is_file():
         return root / "final"
     found = sorted(p.parent for p in root.rglob(CONFIG_NAME))
-    steps = [(int(m.group(1)), p) for p in found if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    steps = []
+    for p in found:  # RUN/checkpoints/step_0000100/adapter, or HF-style checkpoint-100
+        numbers = [int(m.group(1)) for part in p.relative_to(root).parts
+                   if (m := re.fullmatch(r"(?:step_|checkpoint-)(\d+)", part))]
+        if numbers:
+            steps.append((numbers[-1], p))
     if steps:
         return max(steps)[1]
     if len(found) == 1:
@@ -98,20 +107,69 @@ def load_base_model(name_or_path: str) -> Any:
     return cls.from_pretrained(name_or_path, local_files_only=True)
 
 
-def _resolve_weights_arg(value: str | None, adapter_dir: Path, source: Path) -> Any:
+def _last_eval_routing(metrics: Path) -> dict[str, dict] | None:
+    """``routing`` of the last eval record of a training run's metrics.jsonl, if any."""
+    routing = None
+    for line in metrics.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record.get("type") == "eval" and record.get("routing"):
+                routing = record["routing"]
+    return routing
+
+
+def _pool_tasks(routing: dict[str, dict]) -> dict[str, list[float]]:
+    """Token-weighted mean over tasks of per-task ``{layer: {"gates", "tokens"}}`` stats."""
+    import torch
+
+    sums: dict[str, list] = {}
+    for stats in routing.values():
+        for layer, s in stats.items():
+            tokens = float(s.get("tokens", 1))
+            acc = sums.setdefault(layer, [0.0, 0.0])
+            acc[0] = acc[0] + torch.tensor(s["gates"], dtype=torch.float64) * tokens  # (N,)
+            acc[1] += tokens
+    return {layer: (g / max(t, 1.0)).tolist() for layer, (g, t) in sums.items()}
+
+
+def _search_folders(adapter_dir: Path, source: Path) -> list[Path]:
+    """The adapter folder and its parents up to the run folder (RUN/final -> RUN)."""
+    folders = [adapter_dir]
+    for parent in adapter_dir.parents:
+        if source != parent and source not in parent.parents:
+            break
+        folders.append(parent)
+    return list(dict.fromkeys([*folders, source]))
+
+
+def _measured(adapter_dir: Path, source: Path, task: int | str | None) -> Any:
+    """Measured gates: a gates file, else the last eval routing of the run's metrics.jsonl."""
+    from molora.export import gates_from_json, load_gates
+
+    folders = _search_folders(adapter_dir, source)
+    for folder in folders:
+        for name in GATES_FILES:
+            if (folder / name).is_file():
+                return load_gates(folder / name)
+    for folder in folders:
+        if (folder / METRICS).is_file() and (routing := _last_eval_routing(folder / METRICS)):
+            if task is not None:
+                return gates_from_json(routing)  # {task name: {layer: (N,)}}
+            return gates_from_json(_pool_tasks(routing))
+    raise FileNotFoundError(
+        f"--weights measured: no {' or '.join(GATES_FILES)} and no eval routing in {METRICS} at "
+        f"{str(adapter_dir)!r} or {str(source)!r}; write gates with "
+        "molora.export.save_gates(molora.measure_gates(model, batches), path) or pass a FILE"
+    )
+
+
+def _resolve_weights_arg(value: str | None, adapter_dir: Path, source: Path, task: int | str | None) -> Any:
     from molora.export import load_gates
 
     if value is None or value == "uniform":
         return value
     if value == "measured":
-        for folder in dict.fromkeys([adapter_dir, source, adapter_dir.parent]):
-            for name in GATES_FILES:
-                if (folder / name).is_file():
-                    return load_gates(folder / name)
-        raise FileNotFoundError(
-            f"--weights measured: no {' or '.join(GATES_FILES)} in {str(adapter_dir)!r} or {str(source)!r}; "
-            "write one with molora.export.save_gates(molora.measure_gates(model, batches), path) or pass a FILE"
-        )
+        return _measured(adapter_dir, source, task)
     if Path(value).is_file():
         return load_gates(value)
     raise ValueError(f"--weights must be 'uniform', 'measured' or an existing gates file, got {value!r}")
@@ -175,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
         base_name = args.base or meta.get("base_model_name_or_path")
         if not base_name:
             raise ValueError(f"{adapter_dir} records no base model (base_model_name_or_path); pass --base")
-        weights = _resolve_weights_arg(args.weights, adapter_dir, source)
         task = _parse_task(args.task)
+        weights = _resolve_weights_arg(args.weights, adapter_dir, source, task)
         if args.merge_into_base and task == "all":
             raise ValueError("--merge-into-base takes one --task, not 'all'")
         if args.merge_into_base and (args.method != "cat" or args.rank is not None):
