@@ -420,7 +420,10 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
     if config.molora.task_names is None:
         config = dataclasses.replace(config, molora=dataclasses.replace(config.molora, task_names=tasks))
     output_dir = Path(t.output_dir)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision))
+    # Several processes and no GPU (torchrun / `accelerate launch --multi_gpu` on a CPU box):
+    # accelerate only picks its CPU backend (gloo) when told to run on CPU.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision), cpu=multi_cpu)
     main = accelerator.is_main_process
     ckpt = _resolve_resume(resume, output_dir) if resume else None
     if main:
