@@ -18,8 +18,10 @@ the chosen experts of sparse (top-k) routing, ``None`` for dense routing.
                    O(T*k*r) beyond x; a custom autograd Function reuses the forward's sort and
                    runs only the GEMMs the requested gradients need.
 - ``grouped_bmm``: ``grouped`` with the padded-bmm fallback of ``molora.grouped_mm`` forced.
-- ``auto``:        ``dense`` for dense routing; for sparse routing ``grouped`` unless the
-                   shapes make ``dense`` cheaper (:func:`auto_experts`).
+- ``hybrid``:      sparse routing with a dense down-projection h = x A_cat^T (T, N*r) (x read
+                   once, no (T*k, in) gather) and the grouped up-projection of ``grouped``.
+- ``auto``:        ``dense`` for dense routing; for sparse routing ``hybrid`` or ``grouped``
+                   by shapes, ``dense`` for tiny T (:func:`auto_experts`).
 
 Performance notes (profiled on CPU, T=2048, in=out=1024, N=8, r=16, top-2; see
 ``benchmarks/RESULTS.md``): advanced indexing ``x[idx]`` is ~5x slower than
@@ -268,14 +270,17 @@ def grouped_bmm_experts(x, lora_A, lora_B, weights, indices, scaling) -> torch.T
 
 
 def prefers_dense(num_tokens: int, num_experts: int, top_k: int) -> bool:
-    """Whether ``dense`` beats ``grouped`` for sparse routing with these shapes.
+    """Whether ``dense`` beats the sparse paths for sparse routing with these shapes.
 
-    ``grouped`` does k/N of dense's GEMM work but pays a sort, two gathers and two
-    scatter-adds of (T*k, d) rows and runs thinner (rank r instead of N*r) GEMMs; measured on
-    CPU it wins from about k <= N/2 and T*k >= 64 pairs (below that the fixed per-call cost
-    of the sort and the per-expert GEMM launches dominates).
+    The sparse paths do k/N of dense's up-projection work but pay a sort, gathers and
+    scatter-adds of (T*k, d) rows and thinner GEMMs; below ~64 token-expert pairs the fixed
+    cost of the sort and the per-expert GEMM calls dominates, and with k > N/2 there is
+    little work to skip.
     """
     return num_tokens * top_k < 64 or 2 * top_k > num_experts
+
+
+_HYBRID_MAX_RANK = 256  # N*r up to which one dense down-projection GEMM is still "thin"
 
 
 def auto_experts(
@@ -286,9 +291,18 @@ def auto_experts(
     indices: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
-    """``dense`` for dense routing or when :func:`prefers_dense`, otherwise ``grouped``."""
-    if indices is None or prefers_dense(x.shape[0], lora_A.shape[0], indices.shape[1]):
+    """Pick a path by routing kind and shapes, at call time.
+
+    Dense routing, or :func:`prefers_dense`: ``dense``. Sparse routing with N*r <= 256:
+    ``hybrid`` (reading x once in a dense down-projection costs less than gathering k copies
+    of it; measured on CPU at T=2048, d=1024, N=8, r=16, top-2, see benchmarks/RESULTS.md).
+    Wider N*r: ``grouped``, whose work scales with k rather than N.
+    """
+    num_experts, rank = lora_A.shape[:2]
+    if indices is None or prefers_dense(x.shape[0], num_experts, indices.shape[1]):
         return dense_experts(x, lora_A, lora_B, weights, indices, scaling)
+    if num_experts * rank <= _HYBRID_MAX_RANK:
+        return hybrid_experts(x, lora_A, lora_B, weights, indices, scaling)
     return grouped_experts(x, lora_A, lora_B, weights, indices, scaling)
 
 

@@ -33,7 +33,7 @@ from molora.layer import MoLoRALinear
 from routers import SoftRouter, TaskRouter, TopKRouter
 
 ROUTER_KINDS = ("topk", "soft", "task", "task_topk")
-MOLORA_IMPLS = ("auto", "dense", "grouped", "grouped_bmm", "eager")
+MOLORA_IMPLS = ("auto", "dense", "grouped", "grouped_bmm", "hybrid", "eager")
 _CPU_DEFAULTS = {"tokens": 2048, "dim": 1024, "dtype": "float32"}
 _CUDA_DEFAULTS = {"tokens": 4096, "dim": 4096, "dtype": "bfloat16"}
 
@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (medians)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: process CPU time (use with --threads 1 on a shared machine)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="also print a torch.profiler table for it")
@@ -189,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
                 p.grad = None
 
     steps = {v.name: fwd_bwd(v) for v in variants}
-    times = time_interleaved(steps, repeats=args.repeats, warmup=args.warmup, device=device, before_each=reset)
+    times = time_interleaved(steps, repeats=args.repeats, warmup=args.warmup, device=device, before_each=reset, clock=args.clock)
     memory = {v.name: _activation_memory(v, x, grad_out, device, reset) for v in variants}
 
     base_ms = median(times[variants[0].name]) * 1e3
@@ -206,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
     shape = (
         f"T={tokens}, in={in_features}, out={out_features}, N={args.experts}, r={args.rank}, top-{args.top_k}, "
         f"{str(dtype).replace('torch.', '')}, {device.type}, fwd+bwd (grads: x, adapters, router; W0 frozen), "
-        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up"
+        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up, {args.clock} clock, "
+        f"torch threads={torch.get_num_threads()}"
     )
     print(f"bench_layer: {shape}")
     print(format_table(headers, rows))

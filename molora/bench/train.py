@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: process CPU time (use with --threads 1 on a shared machine)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, metavar="PATH")
@@ -262,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     variants, batch = build_variants(args, device, dtype)
     runnable = [v for v in variants if v.error is None]
-    times = time_interleaved({v.name: v.step for v in runnable}, repeats=args.repeats, warmup=args.warmup, device=device)
+    times = time_interleaved({v.name: v.step for v in runnable}, repeats=args.repeats, warmup=args.warmup, device=device, clock=args.clock)
     losses = {v.name: v.step() for v in runnable}
     memory = {v.name: _memory(v, device) for v in runnable}
     tokens = args.batch * args.seq
@@ -284,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
         f"Llama from config: hidden={args.hidden}, layers={args.layers}, heads={args.heads}, vocab={args.vocab}, "
         f"seq={args.seq}, batch={args.batch} ({tokens} tokens/step), {str(dtype).replace('torch.', '')}, {device.type}; "
         f"targets: all linear layers ({', '.join(TARGETS)}); N={args.experts}, r={args.rank}, top-{args.top_k}; "
-        f"AdamW step; median of {args.repeats} interleaved steps after {args.warmup} warm-up"
+        f"AdamW step; median of {args.repeats} interleaved steps after {args.warmup} warm-up, {args.clock} clock, "
+        f"torch threads={torch.get_num_threads()}"
     )
     notes = [f"- {v.name}: {v.error}" for v in variants if v.error]
     print(f"bench_train: {shape}")
