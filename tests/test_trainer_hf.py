@@ -1,0 +1,91 @@
+"""MoLoRAModel as the `model` of transformers.Trainer, with `task_ids` in the dataset."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from datasets import Dataset
+
+from molora import MoLoRAConfig, get_molora_model
+from molora.data import MultitaskCollator
+
+from conftest import LLAMA_TARGETS, build_tiny_llama
+
+
+def _task_dataset(n: int = 64, length: int = 12) -> Dataset:
+    """Two synthetic tasks: task 0 counts up (x, x+1, ...), task 1 repeats a token."""
+    g = torch.Generator().manual_seed(0)
+    rows = {"input_ids": [], "labels": [], "task_ids": []}
+    for i in range(n):
+        task = i % 2
+        start = int(torch.randint(3, 8, (1,), generator=g)) + 50 * task
+        ids = [start + j for j in range(length)] if task == 0 else [start] * length
+        rows["input_ids"].append(ids)
+        rows["labels"].append(ids)
+        rows["task_ids"].append(task)
+    return Dataset.from_dict(rows)
+
+
+def test_forward_signature_keeps_task_ids_and_base_args():
+    model = get_molora_model(build_tiny_llama(), MoLoRAConfig(target_modules=["q_proj"], num_experts=2, r=2, router="task", num_tasks=2))
+    params = inspect.signature(model.forward).parameters
+    assert {"input_ids", "attention_mask", "labels", "task_ids"} <= set(params)
+
+
+def test_hf_trainer_trains_molora_with_task_ids(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    config = MoLoRAConfig(target_modules=LLAMA_TARGETS, num_experts=4, r=4, lora_alpha=8, router="task", num_tasks=2, top_k=2, router_aux_loss_coef=0.01)
+    # A larger init than HF's 0.02 gives the frozen random lm_head logits that adapters can steer.
+    model = get_molora_model(build_tiny_llama(initializer_range=0.2), config)
+    seen_task_ids = []
+    original = model.forward
+
+    def spy(*args, **kwargs):
+        seen_task_ids.append(kwargs.get("task_ids"))
+        return original(*args, **kwargs)
+
+    spy.__signature__ = inspect.signature(original)
+    model.forward = spy
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=25,
+        per_device_train_batch_size=8,
+        learning_rate=3e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_task_dataset(), data_collator=MultitaskCollator(pad_token_id=0))
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) >= 20
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+    # Trainer kept the task_ids column and passed it on (the task router requires it)
+    assert seen_task_ids and all(t is not None and t.shape == (8,) for t in seen_task_ids)
+    assert any(float(layer.lora_B.detach().abs().sum()) > 0 for layer in model.molora_layers().values())
+    # the task router learned different mixtures for the two tasks
+    table = next(iter(model.molora_layers().values())).router
+    logits = [p for p in table.parameters()][0]
+    assert not torch.allclose(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("router", ["soft", "topk"])
+def test_trainer_loss_includes_aux_loss(router):
+    config = MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, r=2, router=router, router_aux_loss_coef=0.5)
+    model = get_molora_model(build_tiny_llama(), config)
+    batch = MultitaskCollator(pad_token_id=0)([_task_dataset(2)[i] for i in range(2)])
+    out = model(**batch)
+    with model.disable_adapters():
+        plain = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    # B = 0 at init: the base loss is unchanged, so the difference is the weighted aux loss
+    assert out.loss.item() == pytest.approx(plain.item() + 0.5 * model.aux_loss().item(), rel=1e-5)
