@@ -10,8 +10,9 @@ Each method runs in its own subprocess so that its peak resident memory
 (``resource.getrusage().ru_maxrss``) is its own; "over base" subtracts the RSS measured
 after imports and before the first layer. Random factor generation is not timed.
 
-    python benchmarks/bench_export.py                 # 32 layers, about 1 min on 2 cores
+    python benchmarks/bench_export.py                 # 32 layers, about 30 s on 1 core
     python benchmarks/bench_export.py --layers 4      # quick check
+    python benchmarks/bench_export.py --threads 2     # compare thread counts
 """
 
 from __future__ import annotations
@@ -82,7 +83,11 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--svd-rank", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (default 1: the tall-skinny QRs gain little from threads, and on shared, "
+        "oversubscribed cores extra threads spin-wait: 3-4x slower in our runs)",
+    )
     parser.add_argument("--worker", choices=["cat", "svd"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
