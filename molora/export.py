@@ -12,6 +12,14 @@ Two factorizations of dW are written as a plain PEFT LoRA adapter:
   QR of the stacked factors, SVD of the small (r' x r') core. Never forms out x in either.
   The relative Frobenius error per layer is returned and saved in ``merge_report.json``.
 
+Usage::
+
+    gates = molora.measure_gates(model, eval_batches)                 # {layer: (N,)}
+    model.export_merged_adapter("out/merged", weights=gates)          # exact ("cat")
+    model.export_merged_adapter("out/r16", weights=gates, method="svd", rank=16)
+    model.export_merged_adapter("out/tasks", task="all")             # task router: one per task
+    peft_model = peft.PeftModel.from_pretrained(base, "out/merged")
+
 Format decisions (documented here because PEFT readers depend on them):
 
 - molora's scaling s (alpha / r, or alpha / sqrt(r) with rsLoRA) and the gates are folded

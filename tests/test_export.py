@@ -484,3 +484,18 @@ def test_cli_finds_the_adapter_of_a_run(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no MoLoRA adapter"):
         find_adapter_dir(tmp_path / "empty")
+
+
+@pytest.mark.gpu
+def test_export_and_merge_on_cuda(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, fresh = _trained("llama", router="task", num_tasks=2)
+    model.cuda()
+    ids = _inputs().cuda()
+    expected = _logits(model, ids, task_ids=torch.tensor([1, 1], device="cuda"))
+    model.export_merged_adapter(tmp_path / "a", task=1, method="svd", rank=8)  # rank(dW) <= N r = 8: exact
+    peft_model = _load_peft(fresh, tmp_path / "a").cuda()
+    torch.testing.assert_close(_logits(peft_model, ids), expected, atol=1e-4, rtol=1e-4)
+    merged = model.merge_and_unload(task=1)
+    torch.testing.assert_close(_logits(merged, ids), expected, atol=1e-4, rtol=1e-4)
