@@ -148,3 +148,25 @@ def test_errors_for_mismatched_adapters(tmp_path):
         read_lora_adapter(tmp_path / "dora")
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         read_lora_adapter(tmp_path)
+
+
+def test_gpt2_conv1d_adapters(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64))
+    paths = []
+    for i, r in enumerate((2, 3)):
+        torch.manual_seed(10 + i)
+        lora = LoraConfig(target_modules=["c_attn"], r=r, lora_alpha=4, fan_in_fan_out=True, init_lora_weights=False)
+        get_peft_model(copy.deepcopy(base), lora).save_pretrained(str(tmp_path / f"g{i}"))
+        paths.append(tmp_path / f"g{i}")
+    ids = _ids()
+    expected = [_logits(PeftModel.from_pretrained(copy.deepcopy(base), str(p)).eval(), ids) for p in paths]
+    cfg = MoLoRAConfig(target_modules=["c_attn"], num_experts=2, r=3, router="task", num_tasks=2, top_k=1)
+    model = from_lora_adapters(copy.deepcopy(base), paths, cfg)
+    _route_task_i_to_expert_i(model)
+    model.eval()
+    for i in range(2):
+        got = _logits(model, ids, task_ids=torch.tensor([i, i]))
+        torch.testing.assert_close(got, expected[i], atol=1e-5, rtol=1e-4)
