@@ -223,3 +223,35 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode(ids, skip_special_tokens=True) == "héllo, world"
     assert tok.pad_token_id == 0 and tok.eos_token_id == 2
     assert torch.tensor(ids).dtype == torch.long
+
+
+# --------------------------------------------------------------------------------------
+# molora inspect
+# --------------------------------------------------------------------------------------
+
+
+def test_inspect_prints_summary_and_writes_plots(tiny_run, capsys):
+    pytest.importorskip("matplotlib")
+    for name in ("routing.png", "metrics.png"):
+        (tiny_run / name).unlink(missing_ok=True)
+    assert main(["inspect", str(tiny_run)]) == 0
+    out = capsys.readouterr().out
+    assert "eval at step 6" in out and "reverse" in out and "sort" in out and "load balance" in out
+    for name in ("routing.png", "metrics.png"):
+        assert (tiny_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["inspect", str(tiny_run), "--step", "3", "--no-plots"]) == 0
+    assert "eval at step 3" in capsys.readouterr().out
+    assert main(["inspect", str(tiny_run), "--step", "4"]) == 2
+
+
+def test_inspect_without_matplotlib_says_how_to_install(tiny_run, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert main(["inspect", str(tiny_run)]) == 0
+    captured = capsys.readouterr()
+    assert "eval at step 6" in captured.out
+    assert "matplotlib is not installed" in captured.err and "molora[plot]" in captured.err
+
+
+def test_inspect_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "metrics.jsonl is missing" in capsys.readouterr().err

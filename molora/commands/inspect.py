@@ -1,0 +1,113 @@
+"""``molora inspect RUN_DIR``: print a run's summary; write ``routing.png`` and ``metrics.png``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="summarize a run and plot its routing",
+        description=(
+            "Print the summary of a `molora train` run folder and write RUN_DIR/routing.png (expert load "
+            "per task and layer, from the last evaluation, or --step) and RUN_DIR/metrics.png (curves)."
+        ),
+    )
+    parser.add_argument("run_dir", help="the run folder (train.output_dir)")
+    parser.add_argument("--step", type=int, default=None, help="plot the routing of the eval at this step (default: the last)")
+    parser.add_argument("--no-plots", action="store_true", help="print the summary only")
+    return parser
+
+
+def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``RUN_DIR/metrics.jsonl``."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a molora run folder: metrics.jsonl is missing")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _entropy(load: list[float]) -> float:
+    """Normalized entropy of a load vector (1 = perfectly balanced)."""
+    total = sum(load)
+    if total <= 0 or len(load) < 2:
+        return float("nan")
+    p = [x / total for x in load if x > 0]
+    return -sum(x * math.log(x) for x in p) / math.log(len(load))
+
+
+def summarize(run_dir: Path, records: list[dict[str, Any]], eval_record: dict[str, Any] | None) -> str:
+    """The text printed by ``molora inspect``."""
+    lines = [f"run: {run_dir}"]
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        s = json.loads(summary_path.read_text())
+        lines.append(
+            f"  finished: {s['steps']} steps, router={s['router']}, experts={s['num_experts']}, "
+            f"processes={s['num_processes']}, precision={s['mixed_precision']}, {s['wall_time_s']:.1f}s"
+        )
+        lines.append(f"  trainable params: {s['trainable_params']:,d} of {s['total_params']:,d}")
+        if s.get("export"):
+            lines.append(f"  per-task merged adapters: {s['export']}")
+    else:
+        lines.append("  (no summary.json: the run is unfinished or was interrupted)")
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()) if (run_dir / "checkpoints").is_dir() else []
+    lines.append(f"  checkpoints: {', '.join(ckpts) if ckpts else 'none'}")
+    train = [r for r in records if r.get("type") == "train"]
+    if train:
+        first, last = train[0], train[-1]
+        lines.append(f"  train loss: {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})")
+    if eval_record is not None:
+        lines.append(f"  eval at step {eval_record['step']}:")
+        width = max(len(t) for t in eval_record["tasks"])
+        for task, m in eval_record["tasks"].items():
+            routing = eval_record.get("routing", {}).get(task, {})
+            ent = [_entropy(v["load"]) for v in routing.values()]
+            ent = [e for e in ent if not math.isnan(e)]
+            balance = f", load balance {sum(ent) / len(ent):.3f}" if ent else ""
+            lines.append(f"    {task:<{width}}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  ({m['examples']} examples{balance})")
+        lines.append("    (load balance: mean over layers of the normalized entropy of expert load, 1 = uniform)")
+    else:
+        lines.append("  no evaluation recorded")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    try:
+        records = load_metrics(run_dir)
+    except FileNotFoundError as e:
+        print(f"molora inspect: {e}", file=sys.stderr)
+        return 2
+    evals = [r for r in records if r.get("type") == "eval"]
+    if args.step is not None:
+        chosen = [r for r in evals if r["step"] == args.step]
+        if not chosen:
+            print(f"molora inspect: no eval at --step {args.step}; eval steps: {[r['step'] for r in evals]}", file=sys.stderr)
+            return 2
+        eval_record = chosen[-1]
+    else:
+        eval_record = evals[-1] if evals else None
+    print(summarize(run_dir, records, eval_record))
+    if args.no_plots:
+        return 0
+    from molora import plots
+
+    try:
+        plots.require_matplotlib()
+    except ImportError as e:
+        print(f"plots skipped: {e}", file=sys.stderr)
+        return 0
+    written = [plots.plot_metrics(records, run_dir / "metrics.png", title=run_dir.name)]
+    if eval_record is not None and eval_record.get("routing"):
+        title = f"{run_dir.name}: expert load per task and layer (eval at step {eval_record['step']})"
+        written.append(plots.plot_routing(eval_record["routing"], run_dir / "routing.png", title=title))
+    for path in written:
+        print(f"wrote {path}")
+    return 0

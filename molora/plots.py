@@ -1,0 +1,131 @@
+"""Plots of a training run: expert-load heatmaps per task and layer, and metric curves.
+
+matplotlib is optional (``pip install 'molora[plot]'``); :func:`require_matplotlib` raises an
+ImportError that says so. Figures are written with the non-interactive Agg backend, through a
+temporary file and a rename.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_metrics", "plot_routing", "require_matplotlib", "short_layer_name"]
+
+MATPLOTLIB_HINT = "matplotlib is not installed; install it with `pip install 'molora[plot]'` (or `pip install matplotlib`) to write plots"
+
+
+def require_matplotlib():
+    """``matplotlib.pyplot`` on the Agg backend.
+
+    Raises:
+        ImportError: matplotlib is missing (the message says how to install it).
+    """
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(MATPLOTLIB_HINT) from e
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def short_layer_name(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``3.self_attn.q_proj``."""
+    for prefix in ("model.layers.", "transformer.h.", "model.decoder.layers.", "encoder.layer.", "layers."):
+        if prefix in name:
+            return name.split(prefix, 1)[1]
+    return name
+
+
+def plot_routing(routing: dict[str, dict[str, dict[str, Any]]], path: str | os.PathLike, *, title: str = "") -> Path:
+    """Heatmap of expert load (fraction of tokens routed to each expert) per task and layer.
+
+    Args:
+        routing: ``{task: {layer: {"load": [N], ...}}}``, as in an eval record of
+            ``metrics.jsonl``.
+        path: the PNG to write.
+        title: figure title.
+
+    Returns:
+        The written path.
+    """
+    plt = require_matplotlib()
+    import numpy as np
+
+    tasks = list(routing)
+    if not tasks:
+        raise ValueError("`routing` is empty: the run has no eval routing statistics")
+    layers = list(routing[tasks[0]])
+    n_exp = len(routing[tasks[0]][layers[0]]["load"])
+    grids = [np.array([routing[t][layer]["load"] for layer in layers]) for t in tasks]  # (L, N) per task
+    vmax = max(float(g.max()) for g in grids) or 1.0
+    height = min(2 + 0.22 * len(layers), 40)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(1.2 + (0.45 * n_exp + 0.8) * len(tasks) + 2.5, height), squeeze=False, sharey=True)
+    image = None
+    for ax, task, grid in zip(axes[0], tasks, grids):
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(n_exp))
+    axes[0][0].set_yticks(range(len(layers)))
+    axes[0][0].set_yticklabels([short_layer_name(layer) for layer in layers], fontsize=6)
+    fig.colorbar(image, ax=axes[0].tolist(), label="fraction of tokens routed")
+    fig.suptitle(title or "expert load per task and layer")
+    return _save(fig, plt, path)
+
+
+def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike, *, title: str = "") -> Path:
+    """Training loss (and aux loss), per-task eval loss and per-task eval accuracy vs step.
+
+    Args:
+        records: the parsed lines of ``metrics.jsonl``.
+        path: the PNG to write.
+        title: figure title.
+
+    Returns:
+        The written path.
+    """
+    plt = require_matplotlib()
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    if train:
+        steps = [r["step"] for r in train]
+        axes[0].plot(steps, [r["loss"] for r in train], label="loss")
+        if all("aux_loss" in r for r in train):
+            twin = axes[0].twinx()
+            twin.plot(steps, [r["aux_loss"] for r in train], color="tab:orange", alpha=0.6, label="aux loss")
+            twin.set_ylabel("aux (balance) loss")
+    axes[0].set_title("train loss")
+    axes[0].set_ylabel("loss (with router losses)")
+    tasks = list(evals[-1]["tasks"]) if evals else []
+    for task in tasks:
+        points = [(r["step"], r["tasks"][task]) for r in evals if task in r["tasks"]]
+        axes[1].plot([s for s, _ in points], [m["loss"] for _, m in points], marker="o", label=task)
+        axes[2].plot([s for s, _ in points], [m["accuracy"] for _, m in points], marker="o", label=task)
+    axes[1].set_title("eval loss per task")
+    axes[2].set_title("eval accuracy per task")
+    for ax in axes:
+        ax.set_xlabel("step")
+    if tasks:
+        axes[1].legend(fontsize=8)
+        axes[2].legend(fontsize=8)
+    fig.suptitle(title or "metrics")
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    return path
