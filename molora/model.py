@@ -243,11 +243,17 @@ class MoLoRAModel(nn.Module):
         return export.merge_and_unload(self, **kwargs)
 
     @classmethod
-    def from_lora_adapters(cls, base_model: nn.Module, paths: list[str | os.PathLike], config: MoLoRAConfig) -> MoLoRAModel:
-        """Build a MoLoRA model whose expert i starts as the PEFT LoRA adapter ``paths[i]``."""
+    def from_lora_adapters(
+        cls, base_model: nn.Module, paths: list[str | os.PathLike], config: MoLoRAConfig, **kwargs
+    ) -> MoLoRAModel:
+        """Build a MoLoRA model whose expert i starts as the PEFT LoRA adapter ``paths[i]``.
+
+        Keyword arguments (``freeze_experts``, ``check_base_name``) go to
+        :func:`molora.from_peft.from_lora_adapters`.
+        """
         from molora import from_peft
 
-        return from_peft.from_lora_adapters(base_model, paths, config)
+        return from_peft.from_lora_adapters(base_model, paths, config, **kwargs)
 
 
 def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
