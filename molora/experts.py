@@ -20,8 +20,8 @@ the chosen experts of sparse (top-k) routing, ``None`` for dense routing.
 - ``grouped_bmm``: ``grouped`` with the padded-bmm fallback of ``molora.grouped_mm`` forced.
 - ``hybrid``:      sparse routing with a dense down-projection h = x A_cat^T (T, N*r) (x read
                    once, no (T*k, in) gather) and the grouped up-projection of ``grouped``.
-- ``auto``:        ``dense`` for dense routing; for sparse routing ``hybrid`` or ``grouped``
-                   by shapes, ``dense`` for tiny T (:func:`auto_experts`).
+- ``auto``:        ``dense`` for dense routing and tiny T; for sparse routing ``grouped``
+                   (CPU) or ``hybrid`` (CUDA, N*r <= 256) (:func:`auto_experts`).
 
 Performance notes (profiled on CPU, T=2048, in=out=1024, N=8, r=16, top-2; see
 ``benchmarks/RESULTS.md``): advanced indexing ``x[idx]`` is ~5x slower than
@@ -291,17 +291,22 @@ def auto_experts(
     indices: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
-    """Pick a path by routing kind and shapes, at call time.
+    """Pick a path by routing kind, shapes and device, at call time.
 
-    Dense routing, or :func:`prefers_dense`: ``dense``. Sparse routing with N*r <= 256:
-    ``hybrid`` (reading x once in a dense down-projection costs less than gathering k copies
-    of it; measured on CPU at T=2048, d=1024, N=8, r=16, top-2, see benchmarks/RESULTS.md).
-    Wider N*r: ``grouped``, whose work scales with k rather than N.
+    - Dense routing, or :func:`prefers_dense` (tiny T, k > N/2): ``dense``.
+    - CUDA, sparse routing with N*r <= 256: ``hybrid``. There the GEMMs of a LoRA are bound
+      by memory traffic, and one dense down-projection reading x once (T*in*N*r FLOPs, tiny
+      for a GPU) moves k+2 times less data than gathering k copies of x for a grouped GEMM.
+      (Reasoned, not yet measured on a GPU: ``molora bench layer`` on CUDA compares both.)
+    - Otherwise ``grouped``, whose GEMM work scales with k rather than N. On CPU the dense
+      down-projection is compute-bound and costs more than the gathers it saves (measured at
+      T=2048, d=1024, N=8, r=16, top-2: grouped 1.22x, hybrid 1.23-1.33x PEFT LoRA; see
+      benchmarks/RESULTS.md).
     """
     num_experts, rank = lora_A.shape[:2]
     if indices is None or prefers_dense(x.shape[0], num_experts, indices.shape[1]):
         return dense_experts(x, lora_A, lora_B, weights, indices, scaling)
-    if num_experts * rank <= _HYBRID_MAX_RANK:
+    if x.device.type == "cuda" and num_experts * rank <= _HYBRID_MAX_RANK:
         return hybrid_experts(x, lora_A, lora_B, weights, indices, scaling)
     return grouped_experts(x, lora_A, lora_B, weights, indices, scaling)
 

@@ -141,7 +141,10 @@ def environment(device: torch.device) -> dict[str, str]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
         if commit.returncode == 0:
-            info["molora commit"] = commit.stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--", "molora", "routers"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            info["molora commit"] = commit.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return info
@@ -158,7 +161,18 @@ def format_table(headers: list[str], rows: list[list[str]], *, markdown: bool = 
 
 
 def command_line() -> str:
-    return " ".join(["python" if i == 0 else a for i, a in enumerate(sys.argv)]) if sys.argv else ""
+    """How this benchmark was started, for the results header."""
+    if not sys.argv:
+        return ""
+    script, args = sys.argv[0], sys.argv[1:]
+    name = Path(script).name
+    if name.endswith(".py"):
+        try:
+            script = os.path.relpath(script)
+        except ValueError:
+            pass
+        return " ".join(["python", script, *args])
+    return " ".join(["molora" if name in ("molora", "cli.py") else name, *args])
 
 
 _HEADER = """# molora benchmarks

@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
         body = "\n\n".join(
             [
                 "## Training steps: Llama-shaped model, all linear layers",
-                environment_markdown(environment(device), command_line()),
+                environment_markdown({**environment(device), "mixlora": _version("mixlora")}, command_line()),
                 shape,
                 format_table(headers, rows, markdown=True),
                 *(["Notes:\n" + "\n".join(notes)] if notes else []),
