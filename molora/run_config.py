@@ -169,6 +169,8 @@ class TrainSection:
             ``fp16`` | ``no``.
         num_workers: DataLoader workers.
         progress_bar: show a tqdm bar (main process only).
+        overwrite_output_dir: a fresh run (no --resume) into a folder holding an earlier
+            run's checkpoints/metrics deletes them; otherwise it refuses to start.
         export: at the end, export per-task merged PEFT adapters to ``output_dir/export``
             (task router: its tables; other routers: gates measured on each task's eval data).
     """
@@ -195,6 +197,7 @@ class TrainSection:
     mixed_precision: str = "auto"
     num_workers: int = 0
     progress_bar: bool = True
+    overwrite_output_dir: bool = False
     export: bool = True
 
 

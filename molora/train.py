@@ -14,8 +14,9 @@ cosine/linear/constant schedule, gradient accumulation and mixed precision. It w
   "tokens"}}}}``. Eval loss is the mean cross-entropy over supervised tokens (causal LM) or
   examples (classification), without the router losses; accuracy is next-token accuracy on
   the supervised tokens, or classification accuracy.
-- ``checkpoints/step_XXXXXXX/``: ``adapter/`` (``save_pretrained``), ``optimizer.pt``,
-  ``scheduler.pt``, ``rng_rank<r>.pt``, ``trainer_state.json``; written to a temporary
+- ``checkpoints/step_XXXXXXX/``: ``adapter/`` (``save_pretrained``), ``optimizer.pt`` (under
+  FSDP ``optimizer_rank<r>.pt``), ``scheduler.pt``, ``rng_rank<r>.pt``,
+  ``trainer_state.json``; written to a temporary
   folder and renamed, so an interrupted save leaves the previous checkpoints intact.
   ``resume=True`` continues from the newest one (the same losses as an uninterrupted run:
   the data order is a function of the seed and the number of batches consumed).
@@ -335,6 +336,36 @@ def _checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
+def _sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _optimizer_file(accelerator) -> str:
+    """FSDP shards the optimizer state: one file per rank; otherwise one shared file."""
+    return f"optimizer_rank{accelerator.process_index}.pt" if _sharded(accelerator) else "optimizer.pt"
+
+
+def save_adapter(accelerator, model, path: Path) -> None:
+    """``save_pretrained`` of the unwrapped model on the main process (all ranks call).
+
+    Under FSDP (v1) the parameters are gathered first (``summon_full_params``); FSDP2
+    (``fully_shard``) is not supported yet and raises.
+    """
+    if _sharded(accelerator):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if not isinstance(model, FSDP):
+            raise NotImplementedError("saving MoLoRA adapters under FSDP2 (fully_shard) is not supported yet: use FSDP v1 or DDP")
+        with FSDP.summon_full_params(model, writeback=False, rank0_only=True, offload_to_cpu=True):
+            if accelerator.is_main_process:
+                accelerator.unwrap_model(model).save_pretrained(path)
+    elif accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(path)
+    accelerator.wait_for_everyone()
+
+
 def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, Any], output_dir: Path, *, keep: int | None) -> Path:
     """Write a checkpoint into a temporary folder, then rename it into place (all ranks call)."""
     final = output_dir / CHECKPOINTS / f"step_{state['step']:07d}"
@@ -342,10 +373,12 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, A
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
+    save_adapter(accelerator, model, tmp / "adapter")
+    if accelerator.is_main_process or _sharded(accelerator):
+        torch.save(optimizer.state_dict(), tmp / _optimizer_file(accelerator))
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -357,6 +390,24 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict[str, A
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _check_fresh(accelerator, output_dir: Path, *, overwrite: bool) -> None:
+    """A fresh run must not mix its files with an earlier run's (unless asked to clear it)."""
+    accelerator.wait_for_everyone()  # every rank looks before the main one deletes anything
+    old = [output_dir / n for n in (CHECKPOINTS, METRICS, "final", "export", "summary.json") if (output_dir / n).exists()]
+    if not old:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"train.output_dir={str(output_dir)!r} holds an earlier run ({', '.join(p.name for p in old)}): "
+            "continue it with --resume, choose another train.output_dir, or set train.overwrite_output_dir=true"
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for path in old:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    accelerator.wait_for_everyone()
 
 
 def _resolve_resume(resume: bool | str | os.PathLike, output_dir: Path) -> Path:
@@ -426,6 +477,8 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision), cpu=multi_cpu)
     main = accelerator.is_main_process
     ckpt = _resolve_resume(resume, output_dir) if resume else None
+    if ckpt is None:
+        _check_fresh(accelerator, output_dir, overwrite=t.overwrite_output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(output_dir / "run_config.yaml", config.to_yaml())
@@ -473,12 +526,14 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
         state = json.loads((ckpt / STATE).read_text())
         if state["world_size"] != accelerator.num_processes or state["batch_size"] != t.batch_size:
             accelerator.print(f"warning: resuming with another world size / batch size than {ckpt}: the data order differs from an uninterrupted run")
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
+        optimizer.load_state_dict(torch.load(ckpt / _optimizer_file(accelerator), weights_only=True, map_location="cpu"))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         rng_file = ckpt / f"rng_rank{accelerator.process_index}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))
         step, micro = state["step"], state["micro_step"]
+        if step >= t.max_steps:
+            raise ValueError(f"--resume: checkpoint {ckpt} is at step {step} >= train.max_steps={t.max_steps}; raise train.max_steps to train on")
         accelerator.print(f"resumed from {ckpt} at step {step}")
     log = _MetricsLog(output_dir / METRICS, main, keep_until=step if ckpt is not None else None)
     if main and ckpt is None:
@@ -559,9 +614,9 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
         "wall_time_s": time.time() - started,
         "config": config.source,
     }
+    save_adapter(accelerator, model, output_dir / "final")
     if main:
-        inner.save_pretrained(output_dir / "final")
-        summary["export"] = _export(inner, config, eval_sets, collator, output_dir / "export", accelerator.device)
+        summary["export"] = _export(inner, config, eval_sets, collator, output_dir / "export", accelerator.device, sharded=_sharded(accelerator))
         _write_text_atomic(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         accelerator.print(f"done: {step} steps; adapter in {output_dir / 'final'}")
     accelerator.wait_for_everyone()
@@ -569,9 +624,12 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
     return summary
 
 
-def _export(model: MoLoRAModel, config: RunConfig, eval_sets, collator, path: Path, device) -> str | None:
+def _export(model: MoLoRAModel, config: RunConfig, eval_sets, collator, path: Path, device, *, sharded: bool = False) -> str | None:
     """Per-task merged PEFT adapters: the task router's tables, or gates measured per task."""
     if not config.train.export:
+        return None
+    if sharded:
+        print(f"export skipped under FSDP: export the adapter in {path.parent / 'final'} with `molora export`")
         return None
     try:
         from molora import export

@@ -123,10 +123,21 @@ def test_resume_from_an_explicit_checkpoint_and_missing_one(tiny_run, tmp_path):
         main(["train", str(TINY_CONFIG), *_overrides(tmp_path, "empty"), "--resume"])
 
 
+def test_fresh_run_refuses_a_folder_holding_an_earlier_run(tiny_run, tmp_path):
+    extra = {"train.output_dir": str(tiny_run)}
+    with pytest.raises(FileExistsError, match=r"earlier run .*--resume.*overwrite_output_dir=true"):
+        main(["train", str(TINY_CONFIG), *_overrides(tmp_path, "unused", extra)])
+    assert (tiny_run / "checkpoints" / "step_0000003").is_dir()
+
+
 def test_task_router_run_exports_per_task_adapters(tmp_path):
-    extra = {"molora.router": "task", "molora.num_tasks": 2, "molora.top_k": "null", "train.max_steps": 2, "train.save_every": 0, "train.eval_every": 0}
-    assert main(["train", str(TINY_CONFIG), *_overrides(tmp_path, "task", extra)]) == 0
     run = tmp_path / "task"
+    (run / "checkpoints" / "step_0000009").mkdir(parents=True)  # an earlier run, cleared by overwrite_output_dir
+    (run / "metrics.jsonl").write_text('{"type": "train", "step": 9, "loss": 1.0}\n')
+    extra = {"molora.router": "task", "molora.num_tasks": 2, "molora.top_k": "null", "train.max_steps": 2, "train.save_every": 0, "train.eval_every": 0}
+    extra["train.overwrite_output_dir"] = "true"
+    assert main(["train", str(TINY_CONFIG), *_overrides(tmp_path, "task", extra)]) == 0
+    assert [r["step"] for r in _records(run, "train")] == [1, 2]
     evals = _records(run, "eval")
     assert len(evals) == 1 and evals[0]["step"] == 2
     assert not (run / "checkpoints").exists()
