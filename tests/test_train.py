@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def test_resume_continues_with_the_same_losses(tiny_run, tmp_path):
     shutil.rmtree(resumed / "final")
     (resumed / "summary.json").unlink()
     extra = {"train.output_dir": str(resumed), "data.cache_dir": str(tiny_run.parent / "ds_cache")}
-    assert main(["train", str(TINY_CONFIG), *_overrides(tmp_path, "unused", extra), "--resume"]) == 0
+    assert main(["train", "--resume", str(TINY_CONFIG), *_overrides(tmp_path, "unused", extra)]) == 0
     full = {r["step"]: r["loss"] for r in _records(tiny_run, "train")}
     again = _records(resumed, "train")
     assert [r["step"] for r in again] == list(range(1, MAX_STEPS + 1))  # steps 4.. logged once
@@ -118,15 +119,17 @@ def test_resume_continues_with_the_same_losses(tiny_run, tmp_path):
             assert m["loss"] == pytest.approx(evals[e["step"]]["tasks"][task]["loss"], abs=1e-6)
 
 
-def test_resume_from_an_explicit_checkpoint_and_missing_one(tiny_run, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        main(["train", str(TINY_CONFIG), *_overrides(tmp_path, "empty"), "--resume"])
+def test_resume_without_a_checkpoint_fails_clearly(tmp_path, capsys):
+    assert main(["train", str(TINY_CONFIG), *_overrides(tmp_path, "empty"), "--resume"]) == 2
+    assert "--resume: no checkpoint in" in capsys.readouterr().err
+    assert main(["train", str(TINY_CONFIG), *_overrides(tmp_path, "empty"), "--resume-from", str(tmp_path)]) == 2
+    assert "not a checkpoint folder" in capsys.readouterr().err
 
 
-def test_fresh_run_refuses_a_folder_holding_an_earlier_run(tiny_run, tmp_path):
+def test_fresh_run_refuses_a_folder_holding_an_earlier_run(tiny_run, tmp_path, capsys):
     extra = {"train.output_dir": str(tiny_run)}
-    with pytest.raises(FileExistsError, match=r"earlier run .*--resume.*overwrite_output_dir=true"):
-        main(["train", str(TINY_CONFIG), *_overrides(tmp_path, "unused", extra)])
+    assert main(["train", str(TINY_CONFIG), *_overrides(tmp_path, "unused", extra)]) == 2
+    assert re.search(r"earlier run .*--resume.*overwrite_output_dir=true", capsys.readouterr().err)
     assert (tiny_run / "checkpoints" / "step_0000003").is_dir()
 
 

@@ -1,4 +1,4 @@
-"""``molora train CONFIG.yaml [dotted.key=value ...] [--resume [CHECKPOINT]]``."""
+"""``molora train CONFIG.yaml [dotted.key=value ...] [--resume | --resume-from CHECKPOINT]``."""
 
 from __future__ import annotations
 
@@ -18,14 +18,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("config", help="the YAML run config")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, values parsed as YAML")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="CHECKPOINT",
-        help="continue from the newest checkpoint in train.output_dir, or from the given checkpoint folder",
-    )
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    resume.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint folder (RUN_DIR/checkpoints/step_...)")
     parser.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
     return parser
 
@@ -43,5 +38,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from molora.train import train
 
-    train(config, resume=args.resume)
+    try:
+        train(config, resume=args.resume_from or args.resume or None)
+    except (FileNotFoundError, FileExistsError) as e:
+        # missing data files or checkpoints, an earlier run in the output folder: no traceback
+        print(f"molora train: {e}", file=sys.stderr)
+        return 2
     return 0
