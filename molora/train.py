@@ -114,8 +114,6 @@ def _load_base_model(config: RunConfig, tokenizer) -> torch.nn.Module:
         model = auto.from_pretrained(m.name_or_path, dtype=dtype or "auto", trust_remote_code=m.trust_remote_code, **kwargs)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last token with it
-    if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     return model
 
 
@@ -496,6 +494,10 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
     else:
         model = get_molora_model(base, config.molora)
     model.track_routing_stats = False  # only eval collects routing statistics
+    if config.model.gradient_checkpointing:
+        # on the wrapper: it also makes the inputs require grad, so experts behind the frozen
+        # embeddings get gradients; non-reentrant checkpointing is the one torch recommends
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = model.get_nb_trainable_parameters()
 
     optimizer = torch.optim.AdamW(param_groups(model, lr=t.lr, router_lr=t.router_lr, loraplus_lr_ratio=t.loraplus_lr_ratio, weight_decay=t.weight_decay))
@@ -565,7 +567,7 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
     bar = tqdm(total=t.max_steps, initial=step, disable=not (main and t.progress_bar), desc="train", dynamic_ncols=True)
     started, last_eval, last_loss = time.time(), None, None
     model.train()
-    window = torch.zeros(2, device=accelerator.device)  # loss, aux
+    window, window_steps = torch.zeros(2, device=accelerator.device), 0  # summed loss, aux since the last log
     while step < t.max_steps:
         for k in range(t.grad_accum):
             batch = next(stream)
@@ -578,18 +580,17 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
             window[1] += inner.aux_loss().detach().float() / t.grad_accum
         if t.max_grad_norm is not None:
             accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}  # the lr of this step
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
+        step, window_steps = step + 1, window_steps + 1
         bar.update(1)
         if step % t.log_every == 0 or step == t.max_steps:
-            loss, aux = accelerator.reduce(window, reduction="mean").tolist()
-            n = t.log_every if step % t.log_every == 0 else (step % t.log_every)
-            loss, aux = loss / n, aux / n
+            loss, aux = (accelerator.reduce(window, reduction="mean") / window_steps).tolist()
             window.zero_()
+            window_steps = 0
             last_loss = loss
-            lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
             log.write({"type": "train", "step": step, "loss": loss, "aux_loss": aux, **lrs, "epoch": micro / len(train_loader), "time": time.time() - started})
             bar.set_postfix(loss=f"{loss:.4f}")
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:

@@ -139,8 +139,13 @@ def test_task_router_run_exports_per_task_adapters(tmp_path):
     (run / "metrics.jsonl").write_text('{"type": "train", "step": 9, "loss": 1.0}\n')
     extra = {"molora.router": "task", "molora.num_tasks": 2, "molora.top_k": "null", "train.max_steps": 2, "train.save_every": 0, "train.eval_every": 0}
     extra["train.overwrite_output_dir"] = "true"
+    extra["model.gradient_checkpointing"] = "true"
     assert main(["train", str(TINY_CONFIG), *_overrides(tmp_path, "task", extra)]) == 0
     assert [r["step"] for r in _records(run, "train")] == [1, 2]
+    from safetensors.torch import load_file
+
+    trained = load_file(run / "final" / "molora_model.safetensors")
+    assert all(float(v.abs().sum()) > 0 for k, v in trained.items() if k.endswith("lora_B"))  # every expert set learned
     evals = _records(run, "eval")
     assert len(evals) == 1 and evals[0]["step"] == 2
     assert not (run / "checkpoints").exists()
