@@ -164,3 +164,23 @@ def test_missing_data_file_fails_before_model_load(tiny_config_path, tmp_path, m
     config = load_run_config(tiny_config_path, [f"data.tasks.sort.train={tmp_path / 'nope.jsonl'}", f"train.output_dir={tmp_path / 'run'}"])
     with pytest.raises(FileNotFoundError, match=r"data\.tasks\.sort\.train="):
         molora.train.train(config)
+
+
+@pytest.mark.parametrize("position", [0, 1, 3])
+def test_cli_flags_may_come_anywhere_among_overrides(tiny_config_path, capsys, position):
+    from molora.cli import main
+
+    argv = [str(tiny_config_path), "molora.num_experts=2", "train.max_steps=7"]
+    argv.insert(position, "--dry-run")
+    assert main(["train", *argv]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["molora"]["num_experts"] == 2 and printed["train"]["max_steps"] == 7
+
+
+def test_cli_rejects_unknown_and_conflicting_flags(tiny_config_path, capsys):
+    from molora.cli import main
+
+    assert main(["train", str(tiny_config_path), "train.max_steps=7", "--bogus"]) == 2
+    assert "unrecognized options ['--bogus']" in capsys.readouterr().err
+    assert main(["train", str(tiny_config_path), "--resume", "--resume-from", "x"]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -107,7 +107,7 @@ def test_resume_continues_with_the_same_losses(tiny_run, tmp_path):
     shutil.rmtree(resumed / "final")
     (resumed / "summary.json").unlink()
     extra = {"train.output_dir": str(resumed), "data.cache_dir": str(tiny_run.parent / "ds_cache")}
-    assert main(["train", "--resume", str(TINY_CONFIG), *_overrides(tmp_path, "unused", extra)]) == 0
+    assert main(["train", str(TINY_CONFIG), "--resume", *_overrides(tmp_path, "unused", extra)]) == 0
     full = {r["step"]: r["loss"] for r in _records(tiny_run, "train")}
     again = _records(resumed, "train")
     assert [r["step"] for r in again] == list(range(1, MAX_STEPS + 1))  # steps 4.. logged once

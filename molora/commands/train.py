@@ -17,17 +17,42 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("config", help="the YAML run config")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, values parsed as YAML")
-    resume = parser.add_mutually_exclusive_group()
-    resume.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
-    resume.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint folder (RUN_DIR/checkpoints/step_...)")
-    parser.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
+    # REMAINDER, then a second parse in run(): flags may come anywhere among the overrides
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="dotted overrides, values parsed as YAML")
+    _add_flags(parser)
     return parser
+
+
+def _add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint folder (RUN_DIR/checkpoints/step_...)")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
+
+
+def _split_flags(args: argparse.Namespace) -> str | None:
+    """Move flags found among the overrides onto ``args``; an error message or None."""
+    flags = argparse.ArgumentParser(prog="molora train", add_help=False)
+    _add_flags(flags)
+    found, rest = flags.parse_known_args(args.overrides)
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown:
+        return f"unrecognized options {unknown}; options: --resume, --resume-from CHECKPOINT, --dry-run"
+    args.overrides = rest
+    args.resume = args.resume or found.resume
+    args.resume_from = args.resume_from or found.resume_from
+    args.dry_run = args.dry_run or found.dry_run
+    if args.resume and args.resume_from:
+        return "give --resume (newest checkpoint) or --resume-from CHECKPOINT, not both"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     from molora.run_config import RunConfigError, load_run_config
 
+    problem = _split_flags(args)
+    if problem:
+        print(f"molora train: {problem}", file=sys.stderr)
+        return 2
     try:
         config = load_run_config(args.config, args.overrides)
     except (RunConfigError, FileNotFoundError) as e:
