@@ -27,6 +27,7 @@ def _overrides(root: Path, out: str, extra: dict | None = None) -> list[str]:
         "train.output_dir": str(root / out),
         "data.cache_dir": str(root / "ds_cache"),
         "train.max_steps": MAX_STEPS,
+        "data.num_samples": 16,  # 4 batches per pass: runs and resumes cross epoch boundaries
         "train.grad_accum": 2,
         "train.batch_size": 4,
         "train.eval_every": 3,
@@ -58,7 +59,7 @@ def test_tiny_run_writes_checkpoints_final_adapter_and_metrics(tiny_run):
     for name in ("adapter/molora_config.json", "adapter/molora_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt", "trainer_state.json"):
         assert (ckpt / name).is_file(), name
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["step"] == 3 and state["micro_step"] == 6
+    assert state["step"] == 3 and state["micro_step"] == 6  # epoch 1, 2 batches in: resume skips them
     assert not list((tiny_run / "checkpoints").glob("*.tmp"))
     assert (tiny_run / "final" / "molora_model.safetensors").is_file()
     summary = json.loads((tiny_run / "summary.json").read_text())
@@ -184,6 +185,26 @@ def test_sequence_classification_run(tmp_path):
     for task in ("vowels", "digits"):
         m = last["tasks"][task]
         assert m["examples"] == 8 and m["tokens"] == 8 and 0 <= m["accuracy"] <= 1
+
+
+def test_run_from_a_saved_model_folder(tmp_path):
+    """model.name_or_path: a transformers folder with its tokenizer (here: saved tiny ones)."""
+    folder = tmp_path / "tiny-llama"
+    build_tiny_llama(vocab_size=260, max_position_embeddings=64, initializer_range=0.2).save_pretrained(folder)
+    build_byte_tokenizer().save_pretrained(folder)
+    extra = {
+        "model.from_config": "null",
+        "model.tokenizer": "null",
+        "model.name_or_path": str(folder),
+        "model.dtype": "float32",
+        "train.max_steps": 1,
+        "train.save_every": 0,
+        "train.eval_every": 0,
+        "train.export": "false",
+    }
+    assert main(["train", str(TINY_CONFIG), *_overrides(tmp_path, "saved", extra)]) == 0
+    meta = json.loads((tmp_path / "saved" / "final" / "molora_config.json").read_text())
+    assert meta["config"]["task_names"] == ["reverse", "sort"]
 
 
 def test_two_process_accelerate_launch(tmp_path):

@@ -38,7 +38,7 @@ def test_hf_trainer_trains_molora_with_task_ids(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    config = MoLoRAConfig(target_modules=LLAMA_TARGETS, num_experts=4, r=4, lora_alpha=8, router="task", num_tasks=2, top_k=2, router_aux_loss_coef=0.01)
+    config = MoLoRAConfig(target_modules=LLAMA_TARGETS, num_experts=4, r=4, lora_alpha=8, router="task", num_tasks=2, top_k=2, router_aux_loss_coef=0.01, expert_impl="dense")
     # A larger init than HF's 0.02 gives the frozen random lm_head logits that adapters can steer.
     model = get_molora_model(build_tiny_llama(initializer_range=0.2), config)
     seen_task_ids = []
