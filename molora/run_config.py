@@ -165,7 +165,8 @@ class TrainSection:
         save_total_limit: keep only the newest this many checkpoints (null: all).
         max_eval_batches: cap on eval batches per task.
         seed: seeds Python, numpy, torch, data order and ``from_config`` weights.
-        mixed_precision: ``auto`` (bf16 where the GPU supports it, else fp32) | ``bf16`` |
+        mixed_precision: ``auto`` (CUDA: bf16 where supported, else fp16; CPU: fp32; under
+            ``accelerate launch --mixed_precision``: the launcher's choice) | ``bf16`` |
             ``fp16`` | ``no``.
         num_workers: DataLoader workers.
         progress_bar: show a tqdm bar (main process only).

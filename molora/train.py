@@ -223,8 +223,10 @@ def _mixed_precision(choice: str) -> str | None:
         return choice
     if os.environ.get("ACCELERATE_MIXED_PRECISION"):
         return None  # `accelerate launch --mixed_precision` decides
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
+    if torch.cuda.is_available():
+        # fp16 needs loss scaling (accelerate's GradScaler) and fp32 master weights: the
+        # adapter is float32 by default (MoLoRAConfig.adapter_dtype), so both are in place.
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
 
 
