@@ -72,7 +72,7 @@ class ModelSection:
             ``train.seed`` (tests, CI, smoke runs).
         task_type: ``causal_lm`` (AutoModelForCausalLM, prompt/response data) or
             ``sequence_classification`` (AutoModelForSequenceClassification, text/label data).
-        num_labels: classes for ``sequence_classification``.
+        num_labels: classes (>= 2) for ``sequence_classification``.
         tokenizer: tokenizer folder; default ``name_or_path``. ``"byte"``: molora's built-in
             byte-level tokenizer (ids 0 pad, 1 bos, 2 eos, 3..258 bytes; needs vocab >= 259).
         dtype: dtype of the loaded base weights ("auto": as saved).
@@ -404,8 +404,8 @@ def _check_model(model: ModelSection, problems: list[str]) -> None:
     _choice(problems, "model.task_type", model.task_type, TASK_TYPES)
     _choice(problems, "model.dtype", model.dtype, MODEL_DTYPES)
     if model.task_type == "sequence_classification":
-        if model.num_labels is None or model.num_labels < 1:
-            problems.append(f"'model.num_labels' must be an int >= 1 for sequence_classification, got {model.num_labels!r}")
+        if model.num_labels is None or model.num_labels < 2:
+            problems.append(f"'model.num_labels' must be an int >= 2 for sequence_classification (regression is not supported), got {model.num_labels!r}")
     elif model.num_labels is not None:
         problems.append(f"'model.num_labels' is only for sequence_classification, got {model.num_labels!r} with task_type={model.task_type!r}")
     if model.tokenizer is None and model.name_or_path is None:

@@ -238,11 +238,14 @@ def _mixed_precision(choice: str) -> str | None:
 def _example_stats(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> tuple[torch.Tensor, ...]:
     """Per example: (loss sum, counted targets, correct), each (batch,)."""
     if causal:
-        logits, labels = logits[:, :-1].float(), labels[:, 1:]  # (B, L-1, V), (B, L-1)
+        labels = labels[:, 1:]  # (B, L-1): token t predicts token t+1
         mask = labels != IGNORE_INDEX
-        ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")  # (B, L-1)
-        correct = (logits.argmax(-1) == labels) & mask
-        return ce.sum(1), mask.sum(1).float(), correct.sum(1).float()
+        # One example at a time: a float32 copy of (B, L, V) logits is gigabytes at LLM vocab sizes.
+        ce = torch.stack([
+            F.cross_entropy(logits[i, :-1].float(), labels[i], ignore_index=IGNORE_INDEX, reduction="sum") for i in range(labels.shape[0])
+        ])  # (B,)
+        correct = (logits[:, :-1].argmax(-1) == labels) & mask  # (B, L-1)
+        return ce, mask.sum(1).float(), correct.sum(1).float()
     logits = logits.float()  # (B, C)
     ce = F.cross_entropy(logits, labels, reduction="none")  # (B,)
     return ce, torch.ones_like(ce), (logits.argmax(-1) == labels).float()

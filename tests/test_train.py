@@ -295,3 +295,26 @@ def test_inspect_without_matplotlib_says_how_to_install(tiny_run, capsys, monkey
 def test_inspect_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "metrics.jsonl is missing" in capsys.readouterr().err
+
+
+def test_eval_token_loss_and_accuracy_match_a_direct_computation():
+    from molora.train import _example_stats
+
+    torch.manual_seed(0)
+    model = build_tiny_llama()
+    ids = torch.randint(3, 128, (3, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100  # prompt
+    labels[2, 7:] = -100  # padding
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    loss_sum, count, correct = _example_stats(out.logits, labels, causal=True)
+    assert count.tolist() == [5, 5, 3]
+    assert (loss_sum.sum() / count.sum()).item() == pytest.approx(out.loss.item(), rel=1e-5)  # HF's mean token loss
+    pred = out.logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    assert correct.sum().item() == ((pred == target) & (target != -100)).sum().item()
+    cls_logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    loss, n, ok = _example_stats(cls_logits, torch.tensor([0, 0]), causal=False)
+    assert n.tolist() == [1, 1] and ok.tolist() == [1, 0]
+    assert loss.tolist() == pytest.approx(torch.nn.functional.cross_entropy(cls_logits, torch.tensor([0, 0]), reduction="none").tolist())
