@@ -310,10 +310,20 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | dict[
         parsed = dict(overrides)
     else:
         parsed = parse_overrides(list(overrides or []))
-    raw = apply_overrides(raw, parsed)
+    raw = apply_overrides(_expand_task_shorthand(raw), parsed)
     config = _build(raw, overridden=set(parsed), base_dir=base_dir)
     config.source = None if path is None else str(path)
     return config
+
+
+def _expand_task_shorthand(raw: dict[str, Any]) -> dict[str, Any]:
+    """``data.tasks.NAME: FILE`` -> ``{train: FILE}``, so that ``data.tasks.NAME.eval=...`` applies."""
+    tasks = raw.get("data", {}).get("tasks") if isinstance(raw.get("data"), dict) else None
+    if not isinstance(tasks, dict) or not any(isinstance(v, str) and v != MISSING for v in tasks.values()):
+        return raw
+    raw = copy.deepcopy(raw)
+    raw["data"]["tasks"] = {k: {"train": v} if isinstance(v, str) and v != MISSING else v for k, v in tasks.items()}
+    return raw
 
 
 def _build(raw: dict[str, Any], *, overridden: set[str], base_dir: Path) -> RunConfig:

@@ -184,3 +184,15 @@ def test_cli_rejects_unknown_and_conflicting_flags(tiny_config_path, capsys):
     assert "unrecognized options ['--bogus']" in capsys.readouterr().err
     assert main(["train", str(tiny_config_path), "--resume", "--resume-from", "x"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_task_shorthand_takes_nested_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: {from_config: {model_type: llama}, tokenizer: byte}\n"
+        "data: {tasks: {a: a.jsonl, b: {train: b.jsonl}}}\n"
+    )
+    config = load_run_config(path, ["data.tasks.a.eval=ae.jsonl"])
+    assert config.data.tasks["a"].train == str(tmp_path / "a.jsonl")
+    assert config.data.tasks["a"].eval == str(Path.cwd() / "ae.jsonl")
+    assert config.data.tasks["b"].eval is None
