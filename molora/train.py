@@ -466,6 +466,7 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
         The run summary (also written to ``output_dir/summary.json``).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -477,6 +478,9 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
     # Several processes and no GPU (torchrun / `accelerate launch --multi_gpu` on a CPU box):
     # accelerate only picks its CPU backend (gloo) when told to run on CPU.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # train() may run several times in one process (notebooks, tests) with other precisions:
+    # start from a fresh AcceleratorState, keeping the process group (PartialState).
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision), cpu=multi_cpu)
     main = accelerator.is_main_process
     ckpt = _resolve_resume(resume, output_dir) if resume else None

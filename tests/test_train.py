@@ -207,6 +207,14 @@ def test_run_from_a_saved_model_folder(tmp_path):
     assert meta["config"]["task_names"] == ["reverse", "sort"]
 
 
+def test_bf16_mixed_precision_on_cpu(tmp_path):
+    extra = {"train.mixed_precision": "bf16", "train.max_steps": 2, "train.save_every": 0, "train.eval_every": 0, "train.export": "false"}
+    assert main(["train", str(TINY_CONFIG), *_overrides(tmp_path, "bf16", extra)]) == 0
+    summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    assert summary["mixed_precision"] == "bf16" and math.isfinite(summary["final_train_loss"])
+    assert all(math.isfinite(m["loss"]) for m in summary["final_eval"].values())
+
+
 def test_two_process_accelerate_launch(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo) runs the tiny config to completion."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
