@@ -64,6 +64,8 @@ def test_tiny_run_writes_checkpoints_final_adapter_and_metrics(tiny_run):
     assert (tiny_run / "final" / "molora_model.safetensors").is_file()
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["steps"] == MAX_STEPS and summary["tasks"] == ["reverse", "sort"]
+    if summary.get("export"):  # top-k router: per-task adapters from gates measured on each task's eval data
+        assert all((tiny_run / "export" / task / "adapter_config.json").is_file() for task in ("reverse", "sort"))
     train = _records(tiny_run, "train")
     assert [r["step"] for r in train] == list(range(1, MAX_STEPS + 1))
     assert all(math.isfinite(r["loss"]) for r in train)
