@@ -20,15 +20,18 @@ the chosen experts of sparse (top-k) routing, ``None`` for dense routing.
 - ``grouped_bmm``: ``grouped`` with the padded-bmm fallback of ``molora.grouped_mm`` forced.
 - ``hybrid``:      sparse routing with a dense down-projection h = x A_cat^T (T, N*r) (x read
                    once, no (T*k, in) gather) and the grouped up-projection of ``grouped``.
-- ``auto``:        ``dense`` for dense routing and tiny T; for sparse routing ``grouped``
-                   (CPU) or ``hybrid`` (CUDA, N*r <= 256) (:func:`auto_experts`).
+- ``auto``:        ``dense`` for dense routing and tiny T; for sparse routing ``hybrid`` or
+                   ``grouped`` by device and shapes (:func:`auto_experts`).
 
 Performance notes (profiled on CPU, T=2048, in=out=1024, N=8, r=16, top-2; see
 ``benchmarks/RESULTS.md``): advanced indexing ``x[idx]`` is ~5x slower than
 ``x.index_select(0, idx)``; the (T*k, in) gathered copy of x is recomputed in the backward
 rather than saved (it is as large as k copies of x); the weight gradient of B is computed as
 (r, out) blocks and transposed, which is ~2x faster than (out, r) blocks in
-``F.grouped_mm``'s per-group GEMMs.
+``F.grouped_mm``'s per-group GEMMs; on CPU, fresh buffers of 32 MiB and more are
+page-faulted on every call (glibc mmap), so large (T*k, d) temporaries cost more than their
+bytes suggest. The router (3 thin GEMMs on x) costs about half of a whole PEFT LoRA at these
+shapes and is outside these functions.
 """
 
 from __future__ import annotations
@@ -281,6 +284,7 @@ def prefers_dense(num_tokens: int, num_experts: int, top_k: int) -> bool:
 
 
 _HYBRID_MAX_RANK = 256  # N*r up to which one dense down-projection GEMM is still "thin"
+_CPU_FRESH_BUFFER_BYTES = 32 * 2**20  # glibc's largest dynamic mmap threshold
 
 
 def auto_experts(
@@ -294,20 +298,24 @@ def auto_experts(
     """Pick a path by routing kind, shapes and device, at call time.
 
     - Dense routing, or :func:`prefers_dense` (tiny T, k > N/2): ``dense``.
-    - CUDA, sparse routing with N*r <= 256: ``hybrid``. There the GEMMs of a LoRA are bound
+    - Sparse routing with N*r <= 256 on CUDA: ``hybrid``. There the GEMMs of a LoRA are bound
       by memory traffic, and one dense down-projection reading x once (T*in*N*r FLOPs, tiny
-      for a GPU) moves k+2 times less data than gathering k copies of x for a grouped GEMM.
-      (Reasoned, not yet measured on a GPU: ``molora bench layer`` on CUDA compares both.)
-    - Otherwise ``grouped``, whose GEMM work scales with k rather than N. On CPU the dense
-      down-projection is compute-bound and costs more than the gathers it saves (measured at
-      T=2048, d=1024, N=8, r=16, top-2: grouped 1.22x, hybrid 1.23-1.33x PEFT LoRA; see
-      benchmarks/RESULTS.md).
+      for a GPU) moves less data than gathering k copies of x for a grouped GEMM. (Reasoned,
+      not yet measured on a GPU: ``molora bench layer`` on CUDA compares both.)
+    - Same on CPU once a (T*k, d) buffer reaches 32 MiB: glibc then maps every such buffer
+      fresh and page-faults it on first write, which makes the five (T*k, d) temporaries of
+      ``grouped`` cost more than the extra down-projection FLOPs of ``hybrid`` (two such
+      temporaries). Measured at T=4096, d=4096, top-2 of 8, r=16: grouped 1.26x, hybrid 1.12x
+      PEFT LoRA; at T=2048, d=1024 grouped wins (1.15-1.22x vs 1.23-1.33x; RESULTS.md).
+    - Otherwise ``grouped``, whose GEMM work scales with k rather than N.
     """
     num_experts, rank = lora_A.shape[:2]
     if indices is None or prefers_dense(x.shape[0], num_experts, indices.shape[1]):
         return dense_experts(x, lora_A, lora_B, weights, indices, scaling)
-    if x.device.type == "cuda" and num_experts * rank <= _HYBRID_MAX_RANK:
-        return hybrid_experts(x, lora_A, lora_B, weights, indices, scaling)
+    if num_experts * rank <= _HYBRID_MAX_RANK:
+        pair_bytes = indices.numel() * max(x.shape[1], lora_B.shape[1]) * x.element_size()
+        if x.device.type == "cuda" or pair_bytes >= _CPU_FRESH_BUFFER_BYTES:
+            return hybrid_experts(x, lora_A, lora_B, weights, indices, scaling)
     return grouped_experts(x, lora_A, lora_B, weights, indices, scaling)
 
 

@@ -69,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="also print a torch.profiler table for it")
+    parser.add_argument("--section", default=None, help="RESULTS.md section name (default bench_layer_<device>)")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write/update this section of RESULTS.md")
 
 
@@ -225,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
                 format_table(headers, rows, markdown=True),
             ]
         )
-        update_markdown(args.markdown, f"bench_layer_{device.type}", body)
+        update_markdown(args.markdown, args.section or f"bench_layer_{device.type}", body)
         print(f"updated {args.markdown}")
     return 0
 

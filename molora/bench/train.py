@@ -71,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu: process CPU time (use with --threads 1 on a shared machine)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--section", default=None, help="RESULTS.md section name (default bench_train_<device>)")
     parser.add_argument("--markdown", default=None, metavar="PATH")
 
 
@@ -305,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
                 *(["Notes:\n" + "\n".join(notes)] if notes else []),
             ]
         )
-        update_markdown(args.markdown, f"bench_train_{device.type}", body)
+        update_markdown(args.markdown, args.section or f"bench_train_{device.type}", body)
         print(f"updated {args.markdown}")
     return 0
 
