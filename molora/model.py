@@ -125,7 +125,14 @@ class MoLoRAModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         """Enable the base model's gradient checkpointing; inputs require grad so that
         reentrant checkpointing still reaches the experts behind frozen embeddings."""
-        self.base_model.gradient_checkpointing_enable(**kwargs)
+        # transformers >= 5.x renamed it; the old name still works but warns
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is None:
+            self.base_model.gradient_checkpointing_enable(**kwargs)
+        else:
+            if "gradient_checkpointing_kwargs" in kwargs:
+                kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
+            enable(**kwargs)
         if hasattr(self.base_model, "enable_input_require_grads"):
             self.base_model.enable_input_require_grads()
 
