@@ -7,7 +7,11 @@ autograd saves (``saved_tensors_hooks``; deterministic), on CUDA ``max_memory_al
 above the inputs during one fwd+bwd.
 
     python benchmarks/bench_layer.py                   # CPU: T=2048, d=1024, N=8, r=16, top-2
-    molora bench layer --threads 1 --markdown benchmarks/RESULTS.md
+    molora bench layer --threads 1 --clock cpu --markdown benchmarks/RESULTS.md
+
+On a machine whose cores are shared with other jobs, wall-clock timings of multi-threaded
+runs swing by 2x and more between runs (each OpenMP region can wait for a descheduled
+thread); ``--threads 1 --clock cpu`` (process CPU time) is the stable measurement.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ table gives tokens/s (median step), the ratio of step time to PEFT LoRA r, train
 parameters and memory: activation bytes saved by autograd on CPU (deterministic), allocator
 peak on CUDA.
 
-    python benchmarks/bench_train.py --threads 1 --markdown benchmarks/RESULTS.md
+    python benchmarks/bench_train.py --threads 1 --clock cpu --markdown benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
