@@ -291,6 +291,18 @@ def run(args: argparse.Namespace) -> int:
         f"torch threads={torch.get_num_threads()}"
     )
     notes = [f"- {v.name}: {v.error}" for v in variants if v.error]
+    if any(v.name.startswith("mixlora") and v.error is None for v in variants):
+        notes.append(
+            "- mixlora (MixLoRA): one LoRA on each of q/k/v/o, and a top-k MoE of N LoRA experts on the FFN "
+            "(gate/up/down) whose experts share W0; the base down_proj runs once per chosen expert (k times "
+            "the base FFN down-projection), hence more activations. Set up here with random weights "
+            "(the package loads saved adapters only), act_fn='silu' (its default None is not callable), "
+            "dropout built with p=0.05 (it asserts p > 0) and then replaced by identity; no balancing loss."
+        )
+        notes.append(
+            "- molora: N experts on every targeted layer, so more trainable parameters than mixlora at "
+            "the same N and r; its loss includes the load-balancing term."
+        )
     print(f"bench_train: {shape}")
     print(format_table(headers, rows))
     for note in notes:
