@@ -287,15 +287,8 @@ _HYBRID_MAX_RANK = 256  # N*r up to which one dense down-projection GEMM is stil
 _CPU_FRESH_BUFFER_BYTES = 32 * 2**20  # glibc's largest dynamic mmap threshold
 
 
-def auto_experts(
-    x: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    weights: torch.Tensor,
-    indices: torch.Tensor | None,
-    scaling: float,
-) -> torch.Tensor:
-    """Pick a path by routing kind, shapes and device, at call time.
+def choose_impl(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor | None) -> str:
+    """The name of the path ``auto`` runs for these operands (by routing kind, shapes, device).
 
     - Dense routing, or :func:`prefers_dense` (tiny T, k > N/2): ``dense``.
     - Sparse routing with N*r <= 256 on CUDA: ``hybrid``. There the GEMMs of a LoRA are bound
@@ -311,21 +304,34 @@ def auto_experts(
       OpenMP parallel region, and the sparse paths run ~10x more ops (per-expert GEMMs,
       gathers, scatters); when the cores are shared (other processes), each region can wait
       a scheduler slice for a descheduled thread. Measured with 2 threads on 2 shared cores
-      (T=2048, d=1024, top-2 of 8): dense 1.40x, hybrid 3.1x, grouped 4.6x PEFT LoRA; with
-      one thread grouped is 5-10% faster than dense. Dense does N/k times the FLOPs but in
-      six large GEMMs that scale with threads like the base layer's.
+      (T=2048, d=1024, top-2 of 8), wall clock: in a busy period dense 1.40x, hybrid 3.1x,
+      grouped 4.6x PEFT LoRA; in a calmer one all three within noise (1.5-1.6x). With one
+      thread grouped is 5-10% faster than dense. Dense does N/k times the FLOPs but in six
+      large GEMMs that scale with threads like the base layer's.
     - Otherwise ``grouped``, whose GEMM work scales with k rather than N.
     """
     num_experts, rank = lora_A.shape[:2]
     if indices is None or prefers_dense(x.shape[0], num_experts, indices.shape[1]):
-        return dense_experts(x, lora_A, lora_B, weights, indices, scaling)
-    if num_experts * rank <= _HYBRID_MAX_RANK and x.device.type == "cpu" and torch.get_num_threads() > 1:
-        return dense_experts(x, lora_A, lora_B, weights, indices, scaling)
+        return "dense"
     if num_experts * rank <= _HYBRID_MAX_RANK:
+        if x.device.type == "cpu" and torch.get_num_threads() > 1:
+            return "dense"
         pair_bytes = indices.numel() * max(x.shape[1], lora_B.shape[1]) * x.element_size()
         if x.device.type == "cuda" or pair_bytes >= _CPU_FRESH_BUFFER_BYTES:
-            return hybrid_experts(x, lora_A, lora_B, weights, indices, scaling)
-    return grouped_experts(x, lora_A, lora_B, weights, indices, scaling)
+            return "hybrid"
+    return "grouped"
+
+
+def auto_experts(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Run the path :func:`choose_impl` picks for these operands."""
+    return EXPERT_IMPLS[choose_impl(x, lora_A, lora_B, indices)](x, lora_A, lora_B, weights, indices, scaling)
 
 
 EXPERT_IMPLS: dict[str, ExpertFn] = {

@@ -103,3 +103,14 @@ def test_layer_bf16_cuda_matches_eager_layer():
     for name in ["lora_A", "lora_B"]:
         a, b = getattr(layers["auto"], name).grad, getattr(layers["eager"], name).grad
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.03 * float(b.abs().max()) + 1e-4)
+
+
+def test_auto_uses_hybrid_on_cuda_for_thin_experts():
+    from molora.experts import choose_impl
+
+    x = torch.empty(512, IN, device="cuda", dtype=torch.bfloat16)
+    A = torch.empty(N, R, IN, device="cuda", dtype=torch.bfloat16)
+    B = torch.empty(N, OUT, R, device="cuda", dtype=torch.bfloat16)
+    indices = torch.zeros(512, 2, dtype=torch.long, device="cuda")
+    assert choose_impl(x, A, B, indices) == "hybrid"
+    assert choose_impl(x, A, B, None) == "dense"

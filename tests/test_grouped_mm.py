@@ -133,3 +133,31 @@ def test_expert_functions_with_partial_gradients(impl, needs):
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def _operands(tokens, dim, experts, rank, top_k, device="cpu"):
+    """Shape-only operands (expanded views: no memory) for the path chooser."""
+    x = torch.empty(1, dim, device=device).expand(tokens, dim)
+    lora_A = torch.empty(experts, rank, dim, device=device)
+    lora_B = torch.empty(experts, dim, rank, device=device)
+    indices = None if top_k is None else torch.zeros(1, top_k, dtype=torch.long, device=device).expand(tokens, top_k)
+    return x, lora_A, lora_B, indices
+
+
+def test_auto_path_choice():
+    from molora.experts import choose_impl
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert choose_impl(*_operands(2048, 1024, 8, 16, None)) == "dense"  # dense routing
+        assert choose_impl(*_operands(7, 1024, 8, 16, 2)) == "dense"  # tiny T
+        assert choose_impl(*_operands(2048, 1024, 8, 16, 6)) == "dense"  # k > N/2
+        assert choose_impl(*_operands(2048, 1024, 8, 16, 2)) == "grouped"  # CPU default shape
+        assert choose_impl(*_operands(4096, 4096, 8, 16, 2)) == "hybrid"  # (T*k, d) buffers >= 32 MiB
+        assert choose_impl(*_operands(4096, 4096, 64, 16, 2)) == "grouped"  # N*r too wide for hybrid
+        torch.set_num_threads(2)
+        assert choose_impl(*_operands(2048, 1024, 8, 16, 2)) == "dense"  # multi-threaded CPU
+        assert choose_impl(*_operands(2048, 1024, 64, 16, 2)) == "grouped"
+    finally:
+        torch.set_num_threads(threads)
