@@ -64,12 +64,17 @@ class DemoConfig:
         target_modules: MiniLM linear layers that get adapters (PEFT name matching).
         num_experts: N experts per layer for both MoLoRA models.
         r: rank of each expert; the shared LoRA has rank ``num_experts * r``.
-        lora_alpha: MoLoRA scaling s = lora_alpha / r; the shared LoRA gets
-            ``lora_alpha * num_experts`` so that its scaling is the same s.
+        lora_alpha: the same alpha for every model: MoLoRA experts get s = lora_alpha / r,
+            the shared LoRA lora_alpha / (N r). Since the gates of a token sum to 1, a
+            MoLoRA layer with uniform gates (1/N each) is then exactly a LoRA of rank N r
+            with the shared LoRA's scaling: the task router starts as the baseline (same
+            function-space step size under Adam) and can only add task-specific gates.
         top_k: experts per token of the top-k router.
         task_top_k: experts per task of the task router (None: a softmax over all N).
         router_init_std: std of the routers' normal init.
-        router_lr_mult: learning-rate multiplier of the router parameters.
+        router_lr_mult: learning-rate multiplier of the router parameters (a separate gate
+            learning rate: the task router's table has tasks x N entries per layer and
+            barely moves from uniform at the adapters' lr within the demo's steps).
         router_aux_loss_coef: load-balancing loss weight of the top-k model (the task
             router has none: balancing would push each task off its own experts).
         steps: optimizer steps per model (one task's batch per step, tasks in turn).
@@ -88,16 +93,16 @@ class DemoConfig:
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
     num_experts: int = 4
     r: int = 4
-    lora_alpha: float = 8.0
+    lora_alpha: float = 32.0
     top_k: int = 2
     task_top_k: int | None = None
     router_init_std: float = 0.02
-    router_lr_mult: float = 1.0
+    router_lr_mult: float = 20.0
     router_aux_loss_coef: float = 0.01
     steps: int = 150
     batch_size: int = 32
     eval_batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 5e-3
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -260,7 +265,7 @@ def _build(key: str, base: nn.Module, tasks: list[_TaskData], cfg: DemoConfig) -
         from peft import LoraConfig, get_peft_model
 
         rank = cfg.num_experts * cfg.r
-        lora = LoraConfig(r=rank, lora_alpha=cfg.lora_alpha * cfg.num_experts, lora_dropout=0.0,
+        lora = LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                           target_modules=list(cfg.target_modules), bias="none")
         return MultitaskClassifier(get_peft_model(encoder, lora), heads, pass_task_ids=False)
     common = dict(target_modules=list(cfg.target_modules), num_experts=cfg.num_experts, r=cfg.r,
@@ -292,8 +297,8 @@ def _batches(rows: list[dict[str, Any]], batch_size: int, collator):
         yield collator(rows[start : start + batch_size])
 
 
-def _train(model: MultitaskClassifier, key: str, tasks, schedule, collator, cfg: DemoConfig, progress: bool) -> float:
-    """Train in place; returns wall seconds."""
+def _train(model: MultitaskClassifier, key: str, tasks, schedule, collator, cfg: DemoConfig, progress: bool) -> tuple[float, float]:
+    """Train in place; returns (wall seconds, CPU seconds of this process)."""
     from tqdm.auto import tqdm
 
     router_params = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
@@ -309,7 +314,7 @@ def _train(model: MultitaskClassifier, key: str, tasks, schedule, collator, cfg:
     aux_coef = getattr(getattr(model.encoder, "molora_config", None), "router_aux_loss_coef", 0.0)
     torch.manual_seed(cfg.seed + 2)  # dropout
     model.train()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     bar = tqdm(schedule, desc=f"train {key}", unit="step", disable=not progress, leave=True)
     for step, (t, indices) in enumerate(bar):
         batch = collator([tasks[t].train[i] for i in indices])
@@ -325,7 +330,7 @@ def _train(model: MultitaskClassifier, key: str, tasks, schedule, collator, cfg:
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", task=tasks[t].name)
     bar.close()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 @torch.no_grad()
@@ -357,9 +362,10 @@ def _evaluate(model: MultitaskClassifier, tasks, collator, cfg: DemoConfig):
 
 
 def _plot_routing(routing: dict[str, dict[str, dict]], path: Path, cfg: DemoConfig) -> None:
-    """routing.png: per router model and task, a (layer x expert) heatmap of expert load
-    (fraction of a task's test tokens whose gate on the expert is nonzero, scaled by the
-    mean gate so that soft routers show their preferences)."""
+    """routing.png: per router model (row) and task (column), a (layer x expert) heatmap of
+    expert load on the task's test set: ``routing_stats()[layer]["gates"]``, the mean gate
+    weight per real token (rows sum to 1). The gate-weighted load rather than the
+    selection count, so that the soft task router's preferences show too."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -460,8 +466,8 @@ def run_demo(
     Returns:
         ``{"out_dir", "tasks", "config", "models": {key: {"description", "accuracy": {task:
         acc}, "mean_accuracy", "trainable_params", "adapter_params", "head_params", "train_s",
-        "eval_s"}}, "export_check": {task: {"routed_accuracy", "exported_accuracy",
-        "max_abs_logit_diff", "ok"}}, "export_ok", "wall_s"}``; also written to
+        "train_cpu_s", "eval_s"}}, "export_check": {task: {"routed_accuracy", "exported_accuracy",
+        "max_abs_logit_diff", "ok"}}, "export_ok", "wall_s", "cpu_s"}``; also written to
         ``results.json`` in the run folder, with ``routing.png`` and the adapters.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -497,7 +503,7 @@ def _run_demo(*, out_dir, steps, seed, quick, config, progress) -> dict:
     from molora.data import MultitaskCollator
     from molora.demo_tasks import minilm_model_path
 
-    wall = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     cfg = config or DemoConfig()
     if quick:
         cfg = replace(cfg, **QUICK_OVERRIDES)
@@ -530,7 +536,7 @@ def _run_demo(*, out_dir, steps, seed, quick, config, progress) -> dict:
     for key, description in DEMO_MODELS.items():
         model = _build(key, base, tasks, cfg)
         adapter_params, head_params = _trainable_parameters(model)
-        train_s = _train(model, key, tasks, schedule, collator, cfg, progress)
+        train_s, train_cpu_s = _train(model, key, tasks, schedule, collator, cfg, progress)
         t0 = time.perf_counter()
         accuracy, logits, stats = _evaluate(model, tasks, collator, cfg)
         results["models"][key] = {
@@ -541,6 +547,7 @@ def _run_demo(*, out_dir, steps, seed, quick, config, progress) -> dict:
             "adapter_params": adapter_params,
             "head_params": head_params,
             "train_s": train_s,
+            "train_cpu_s": train_cpu_s,
             "eval_s": time.perf_counter() - t0,
         }
         if stats:
@@ -556,6 +563,7 @@ def _run_demo(*, out_dir, steps, seed, quick, config, progress) -> dict:
     results["export_check"] = check
     results["export_ok"] = all(c["ok"] for c in check.values())
     results["wall_s"] = time.perf_counter() - wall
+    results["cpu_s"] = time.process_time() - cpu
 
     print()
     print(format_table(results))
@@ -567,7 +575,8 @@ def _run_demo(*, out_dir, steps, seed, quick, config, progress) -> dict:
         print(f"  {task:<10} routed {c['routed_accuracy']:.4f}  exported {c['exported_accuracy']:.4f}  "
               f"max |logit diff| {c['max_abs_logit_diff']:.1e}  {mark}")
     print(f"routing heatmap: {out / 'routing.png'}")
-    print(f"results: {out / 'results.json'}  (total {results['wall_s']:.0f}s)")
+    print(f"results: {out / 'results.json'}  (total {results['wall_s']:.0f}s wall, {results['cpu_s']:.0f}s CPU; "
+          f"torch threads {torch.get_num_threads()})")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
