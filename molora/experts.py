@@ -262,9 +262,7 @@ def grouped_experts(
     top_w = weights.gather(1, indices)  # (T, k)
     with torch.no_grad():
         order, token, offs = sort_pairs(indices, num_experts)
-    return _GroupedLoRA.apply(
-        x.contiguous(), lora_A, lora_B, top_w, order, token, offs, float(scaling), use_kernel
-    )
+    return _GroupedLoRA.apply(x.contiguous(), lora_A, lora_B, top_w, order, token, offs, float(scaling), use_kernel)
 
 
 def grouped_bmm_experts(x, lora_A, lora_B, weights, indices, scaling) -> torch.Tensor:

@@ -26,9 +26,7 @@ def saved_elements(impl: str):
     routing = router(x)
     exclude = [x, A, B, *router.parameters()]
     # only the expert function is under the hook: the router's own saved tensors are not ours
-    found = saved_tensors(
-        lambda: EXPERT_IMPLS[impl](x, A, B, routing.weights, routing.indices, 2.0), exclude
-    )
+    found = saved_tensors(lambda: EXPERT_IMPLS[impl](x, A, B, routing.weights, routing.indices, 2.0), exclude)
     return [(shape, nbytes // 4) for shape, nbytes in found]
 
 

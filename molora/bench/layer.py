@@ -68,8 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (medians)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="cpu: process CPU time (use with --threads 1 on a shared machine)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU time (use with --threads 1 on a shared machine)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="also print a torch.profiler table for it")
@@ -196,7 +200,9 @@ def run(args: argparse.Namespace) -> int:
                 p.grad = None
 
     steps = {v.name: fwd_bwd(v) for v in variants}
-    times = time_interleaved(steps, repeats=args.repeats, warmup=args.warmup, device=device, before_each=reset, clock=args.clock)
+    times = time_interleaved(
+        steps, repeats=args.repeats, warmup=args.warmup, device=device, before_each=reset, clock=args.clock
+    )
     memory = {v.name: _activation_memory(v, x, grad_out, device, reset) for v in variants}
 
     base_ms = median(times[variants[0].name]) * 1e3
@@ -208,7 +214,14 @@ def run(args: argparse.Namespace) -> int:
     for v in variants:
         ms = median(times[v.name]) * 1e3
         rows.append(
-            [v.name, f"{ms:.2f}", f"{ms / base_ms:.3f}", f"{ms / peft_ms:.3f}", f"{min(times[v.name]) * 1e3:.2f}", f"{memory[v.name]:.1f}"]
+            [
+                v.name,
+                f"{ms:.2f}",
+                f"{ms / base_ms:.3f}",
+                f"{ms / peft_ms:.3f}",
+                f"{min(times[v.name]) * 1e3:.2f}",
+                f"{memory[v.name]:.1f}",
+            ]
         )
     shape = (
         f"T={tokens}, in={in_features}, out={out_features}, N={args.experts}, r={args.rank}, top-{args.top_k}, "

@@ -139,10 +139,16 @@ def environment(device: torch.device) -> dict[str, str]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
         if commit.returncode == 0:
             dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--", "molora", "routers"], capture_output=True, text=True, timeout=5
+                ["git", "status", "--porcelain", "--", "molora", "routers"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
             ).stdout.strip()
             info["molora commit"] = commit.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -190,7 +196,7 @@ def update_markdown(path: str | os.PathLike, section: str, body: str) -> None:
     text = path.read_text() if path.exists() else _HEADER
     begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     block = f"{begin}\n{body.rstrip()}\n{end}"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)

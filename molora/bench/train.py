@@ -67,8 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="cpu: process CPU time (use with --threads 1 on a shared machine)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU time (use with --threads 1 on a shared machine)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--section", default=None, help="RESULTS.md section name (default bench_train_<device>)")
@@ -78,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _llama(args, device, dtype) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    intermediate = args.intermediate or int(round(args.hidden * 8 / 3 / 64)) * 64
+    intermediate = args.intermediate or round(args.hidden * 8 / 3 / 64) * 64
     config = LlamaConfig(
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
@@ -144,7 +148,9 @@ def _molora(base: nn.Module, args, batch: dict, router: str, name: str) -> Train
     params = [p for p in model.parameters() if p.requires_grad]
     task_batch = dict(batch)
     if router == "task":
-        task_batch["task_ids"] = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device) % args.num_tasks
+        task_batch["task_ids"] = (
+            torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device) % args.num_tasks
+        )
     step, forward = _make_step(model, params, task_batch)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     return TrainVariant(name, step, params, frozen, forward)
@@ -162,8 +168,11 @@ def _mixlora(base: nn.Module, args, batch: dict, name: str, dtype) -> TrainVaria
         import mixlora
         from mixlora import MixLoraConfig, inject_adapter_in_model
     except Exception as exc:  # noqa: BLE001 - report any import failure in the table
-        return TrainVariant(name, error=f"mixlora not importable ({type(exc).__name__}: {exc}); "
-                            "install it in the benchmark env: pip install --no-deps mixlora==0.2.3")
+        return TrainVariant(
+            name,
+            error=f"mixlora not importable ({type(exc).__name__}: {exc}); "
+            "install it in the benchmark env: pip install --no-deps mixlora==0.2.3",
+        )
     try:
         config = MixLoraConfig.from_config(
             {
@@ -185,15 +194,23 @@ def _mixlora(base: nn.Module, args, batch: dict, name: str, dtype) -> TrainVaria
         config.check()
         device = batch["input_ids"].device
         hidden, inter = base.config.hidden_size, base.config.intermediate_size
-        shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
-                  "o_proj": (hidden, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-                  "down_proj": (inter, hidden)}  # (in, out)
+        shapes = {
+            "q_proj": (hidden, hidden),
+            "k_proj": (hidden, hidden),
+            "v_proj": (hidden, hidden),
+            "o_proj": (hidden, hidden),
+            "gate_proj": (hidden, inter),
+            "up_proj": (hidden, inter),
+            "down_proj": (inter, hidden),
+        }  # (in, out)
         weights: dict[str, torch.Tensor] = {}
         gen = torch.Generator().manual_seed(args.seed)
 
         def lora(prefix: str, proj: str) -> None:
             fan_in, fan_out = shapes[proj]
-            weights[f"{prefix}.lora_A.weight"] = (torch.rand(args.rank, fan_in, generator=gen) - 0.5) * (2 / fan_in**0.5)
+            weights[f"{prefix}.lora_A.weight"] = (torch.rand(args.rank, fan_in, generator=gen) - 0.5) * (
+                2 / fan_in**0.5
+            )
             weights[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, args.rank, generator=gen) * 0.01
 
         for i in range(base.config.num_hidden_layers):
@@ -260,12 +277,18 @@ def build_variants(args, device, dtype) -> tuple[list[TrainVariant], dict]:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    name = (
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     device = torch.device(name)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    variants, batch = build_variants(args, device, dtype)
+    variants, _ = build_variants(args, device, dtype)
     runnable = [v for v in variants if v.error is None]
-    times = time_interleaved({v.name: v.step for v in runnable}, repeats=args.repeats, warmup=args.warmup, device=device, clock=args.clock)
+    times = time_interleaved(
+        {v.name: v.step for v in runnable}, repeats=args.repeats, warmup=args.warmup, device=device, clock=args.clock
+    )
     losses = {v.name: v.step() for v in runnable}
     memory = {v.name: _memory(v, device) for v in runnable}
     tokens = args.batch * args.seq
@@ -280,9 +303,17 @@ def run(args: argparse.Namespace) -> int:
             continue
         s = median(times[v.name])
         n_params = sum(p.numel() for p in v.params)
-        rows.append([v.name, f"{s * 1e3:.0f}", f"{tokens / s:.0f}", f"{s / ref_s:.3f}", f"{n_params / 1e6:.2f}M",
-                     f"{memory[v.name]:.0f}", f"{losses[v.name]:.3f}"])
-    cfg = variants[0] if variants else None
+        rows.append(
+            [
+                v.name,
+                f"{s * 1e3:.0f}",
+                f"{tokens / s:.0f}",
+                f"{s / ref_s:.3f}",
+                f"{n_params / 1e6:.2f}M",
+                f"{memory[v.name]:.0f}",
+                f"{losses[v.name]:.3f}",
+            ]
+        )
     shape = (
         f"Llama from config: hidden={args.hidden}, layers={args.layers}, heads={args.heads}, vocab={args.vocab}, "
         f"seq={args.seq}, batch={args.batch} ({tokens} tokens/step), {str(dtype).replace('torch.', '')}, {device.type}; "
@@ -307,7 +338,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(headers, rows))
     for note in notes:
         print(note)
-    del cfg
     if args.markdown:
         body = "\n\n".join(
             [
