@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DEMO_MODELS", "QUICK_OVERRIDES", "DemoConfig", "format_table", "run_demo"]
+__all__ = ["DEMO_MODELS", "QUICK_OVERRIDES", "DemoConfig", "MultitaskClassifier", "format_table", "run_demo"]
 
 DEMO_MODELS: dict[str, str] = {
     "molora-task": "MoLoRA, task router",
@@ -366,10 +366,9 @@ def _plot_routing(routing: dict[str, dict[str, dict]], path: Path, cfg: DemoConf
     expert load on the task's test set: ``routing_stats()[layer]["gates"]``, the mean gate
     weight per real token (rows sum to 1). The gate-weighted load rather than the
     selection count, so that the soft task router's preferences show too."""
-    import matplotlib
+    from molora.plots import require_matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require_matplotlib()  # Agg backend; a clear error when matplotlib is missing
 
     models = list(routing)
     task_names = list(next(iter(routing.values())))
@@ -402,7 +401,8 @@ def _short_layer(name: str) -> str:
 
 
 def _export_check(model: MultitaskClassifier, tasks, collator, cfg: DemoConfig, routed_logits, routed_acc, out: Path) -> dict:
-    """Export one exact PEFT adapter per task and score each on a freshly loaded MiniLM."""
+    """Export one exact PEFT adapter per task and score each on a freshly loaded MiniLM,
+    with the task heads read back from the run folder (what a user would deploy)."""
     from peft import PeftModel
     from transformers import AutoModel
 
@@ -411,10 +411,11 @@ def _export_check(model: MultitaskClassifier, tasks, collator, cfg: DemoConfig, 
     adapters = out / "adapters"
     model.encoder.export_merged_adapter(adapters, task="all", method="cat")
     fresh = AutoModel.from_pretrained(minilm_model_path())  # independent of the trained model
+    heads = _load_heads(out / "molora-task" / "heads.safetensors", tasks, fresh.config.hidden_size)
     check = {}
     for t, task in enumerate(tasks):
         peft_model = PeftModel.from_pretrained(copy.deepcopy(fresh), adapters / task.name)
-        plain = MultitaskClassifier(peft_model, model.heads, pass_task_ids=False)
+        plain = MultitaskClassifier(peft_model, heads, pass_task_ids=False)
         logits = _predict(plain, t, task.test, collator, cfg.eval_batch_size)  # (n, C)
         labels = torch.tensor([row["labels"] for row in task.test])
         acc = (logits.argmax(-1) == labels).float().mean().item()
@@ -587,3 +588,14 @@ def _save_heads(heads: nn.ModuleList, tasks: list[_TaskData], path: Path) -> Non
     tensors = {f"{task.name}.{n}": p.detach().contiguous() for task, head in zip(tasks, heads)
                for n, p in head.named_parameters()}
     save_file(tensors, str(path), metadata={"labels": json.dumps({t.name: t.labels for t in tasks})})
+
+
+def _load_heads(path: Path, tasks: list[_TaskData], hidden: int) -> nn.ModuleList:
+    """The per-task heads written by :func:`_save_heads`."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    heads = nn.ModuleList(nn.Linear(hidden, len(t.labels)) for t in tasks)
+    for task, head in zip(tasks, heads):
+        head.load_state_dict({n: tensors[f"{task.name}.{n}"] for n, _ in head.named_parameters()})
+    return heads

