@@ -7,8 +7,9 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from molora.experts import EXPERT_IMPLS
+
 ROUTER_NAMES = ("soft", "task", "topk")
-EXPERT_IMPL_NAMES = ("auto", "dense", "eager", "grouped", "grouped_bmm")
 ADAPTER_DTYPES = ("base", "bfloat16", "float16", "float32")
 
 
@@ -32,8 +33,9 @@ class MoLoRAConfig:
         use_rslora: s = lora_alpha / sqrt(r) (rank-stabilized LoRA).
         router_aux_loss_coef: weight of the load-balancing loss added to ``out.loss``.
         router_z_loss_coef: weight of the router z-loss added to ``out.loss``.
-        expert_impl: "auto" | "eager" | "dense" | "grouped" | "grouped_bmm" (see
-            ``molora.experts``).
+        expert_impl: a name in ``molora.experts.EXPERT_IMPLS``: "auto" (chooses by routing
+            kind, shapes and device), "eager" (reference loop), "dense", "grouped", "hybrid",
+            "grouped_bmm".
         router_jitter_noise: multiplicative input jitter of the top-k router in training.
         router_init_std: std of the router's normal initialization.
         adapter_dtype: storage dtype of expert and router-free parameters: "float32"
@@ -125,7 +127,10 @@ class MoLoRAConfig:
             f"`router_jitter_noise` must be in [0, 1), got {self.router_jitter_noise!r}",
         )
         need(_is_num(self.router_init_std) and self.router_init_std >= 0, f"`router_init_std` must be >= 0, got {self.router_init_std!r}")
-        need(self.expert_impl in EXPERT_IMPL_NAMES, f"`expert_impl` must be one of {list(EXPERT_IMPL_NAMES)}, got {self.expert_impl!r}")
+        need(
+            self.expert_impl in EXPERT_IMPLS,
+            f"`expert_impl` must be one of {sorted(EXPERT_IMPLS)}, got {self.expert_impl!r}",
+        )
         need(self.adapter_dtype in ADAPTER_DTYPES, f"`adapter_dtype` must be one of {list(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}")
         mts = self.modules_to_save
         need(
