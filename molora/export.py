@@ -43,14 +43,11 @@ Format decisions (documented here because PEFT readers depend on them):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +66,7 @@ from molora.gates import (
     resolve_weights,
     save_gates,
 )
-from molora.io import base_model_name
+from molora.io import atomic_directory, base_model_name
 from molora.merge_math import METHODS, MergedFactors, cat_factors, dense_delta, merge_factors, svd_factors
 
 __all__ = [
@@ -96,36 +93,16 @@ MERGE_REPORT = "merge_report.json"
 # --------------------------------------------------------------------------- adapter format
 
 
-@contextlib.contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temp dir beside ``path``; on success it replaces ``path``, else it is removed.
-
-    An existing ``path`` is replaced only if empty or a previous export (has merge_report.json),
-    so that an unrelated folder is never deleted.
-    """
+def _atomic_dir(path: Path):
+    """:func:`molora.io.atomic_directory`, refusing to replace a folder that is not a previous
+    export, so that an unrelated folder is never deleted."""
     path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise FileExistsError(f"export path {path} exists and is not a directory")
-        if any(path.iterdir()) and not (path / MERGE_REPORT).exists():
-            raise FileExistsError(
-                f"export path {path} is a non-empty folder that is not a previous molora export; "
-                "choose an empty or new folder"
-            )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if path.is_dir() and any(path.iterdir()) and not (path / MERGE_REPORT).exists():
+        raise FileExistsError(
+            f"export path {path} is a non-empty folder that is not a previous molora export; "
+            "choose an empty or new folder"
+        )
+    return atomic_directory(path)
 
 
 def _peft_task_type(base: nn.Module) -> str | None:

@@ -23,9 +23,7 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +197,9 @@ def _save_merged(model: Any, base_name: str, out: Path) -> None:
     """Save the merged transformers model (and its tokenizer, if it has one) atomically."""
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise FileExistsError(f"--out {str(out)!r} is a non-empty folder that is not a saved model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    from molora.io import atomic_directory
+
+    with atomic_directory(out) as tmp:
         model.save_pretrained(str(tmp))
         try:
             import transformers
@@ -209,16 +207,6 @@ def _save_merged(model: Any, base_name: str, out: Path) -> None:
             transformers.AutoTokenizer.from_pretrained(base_name, local_files_only=True).save_pretrained(str(tmp))
         except Exception:  # noqa: BLE001 - a base without a tokenizer is fine
             pass
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run(args: argparse.Namespace) -> int:
