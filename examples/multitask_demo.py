@@ -6,7 +6,7 @@ packages, no network), prints their accuracy table, plots routing.png, and check
 exported per-task PEFT adapters score what the routed model scores.
 
     pip install -e ".[demo]"
-    python examples/multitask_demo.py            # ~30 s: 40 steps on a few hundred examples
+    python examples/multitask_demo.py            # ~40 s: 40 steps on a few hundred examples
     molora demo                                  # the full demo (~3 minutes on 2 CPU cores)
 """
 

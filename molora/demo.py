@@ -42,7 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DEMO_MODELS", "QUICK_OVERRIDES", "DemoConfig", "MultitaskClassifier", "format_table", "run_demo"]
+__all__ = [
+    "DEMO_MODELS",
+    "QUICK_OVERRIDES",
+    "DemoConfig",
+    "MultitaskClassifier",
+    "format_table",
+    "run_demo",
+]
 
 DEMO_MODELS: dict[str, str] = {
     "molora-task": "MoLoRA, task router",
@@ -110,15 +117,26 @@ class DemoConfig:
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
         problems = []
-        for name in ("max_train_per_task", "max_test_per_task", "max_length", "num_experts", "r",
-                     "top_k", "steps", "batch_size", "eval_batch_size"):
+        for name in (
+            "max_train_per_task",
+            "max_test_per_task",
+            "max_length",
+            "num_experts",
+            "r",
+            "top_k",
+            "steps",
+            "batch_size",
+            "eval_batch_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"`{name}` must be an int >= 1, got {value!r}")
         if isinstance(self.top_k, int) and isinstance(self.num_experts, int) and self.top_k > self.num_experts:
             problems.append(f"`top_k` must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if self.task_top_k is not None and not (1 <= self.task_top_k <= self.num_experts):
-            problems.append(f"`task_top_k` must be None or in [1, num_experts={self.num_experts}], got {self.task_top_k}")
+            problems.append(
+                f"`task_top_k` must be None or in [1, num_experts={self.num_experts}], got {self.task_top_k}"
+            )
         for name in ("lora_alpha", "lr", "router_lr_mult"):
             if not getattr(self, name) > 0:
                 problems.append(f"`{name}` must be > 0, got {getattr(self, name)!r}")
@@ -190,16 +208,29 @@ def _load_data(cfg: DemoConfig, tokenizer) -> list[_TaskData]:
     from molora.data import tokenize_classification
     from molora.demo_tasks import load_demo_tasks
 
-    raw = load_demo_tasks(max_train_per_task=cfg.max_train_per_task, max_test_per_task=cfg.max_test_per_task, seed=cfg.seed)
+    raw = load_demo_tasks(
+        max_train_per_task=cfg.max_train_per_task,
+        max_test_per_task=cfg.max_test_per_task,
+        seed=cfg.seed,
+    )
     tasks = []
     for name, splits in raw.items():
         rows = {}
         for split in ("train", "test"):
             tok = tokenize_classification(splits[split], tokenizer, max_length=cfg.max_length)
-            tok = tok.remove_columns([c for c in tok.column_names if c not in ("input_ids", "attention_mask", "labels")])
+            tok = tok.remove_columns(
+                [c for c in tok.column_names if c not in ("input_ids", "attention_mask", "labels")]
+            )
             columns = tok[:]  # {column: list}
             rows[split] = [dict(zip(columns, values)) for values in zip(*columns.values())]
-        tasks.append(_TaskData(name, splits["train"].features["label"].names, rows["train"], rows["test"]))
+        tasks.append(
+            _TaskData(
+                name,
+                splits["train"].features["label"].names,
+                rows["train"],
+                rows["test"],
+            )
+        )
     return tasks
 
 
@@ -243,7 +274,9 @@ class MultitaskClassifier(nn.Module):
         kwargs = {}
         if self.pass_task_ids:
             kwargs["task_ids"] = torch.full((input_ids.shape[0],), task, dtype=torch.long)
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (B, L, H)
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs
+        ).last_hidden_state  # (B, L, H)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
         return self.heads[task](pooled)  # (B, C_task)
@@ -265,16 +298,37 @@ def _build(key: str, base: nn.Module, tasks: list[_TaskData], cfg: DemoConfig) -
         from peft import LoraConfig, get_peft_model
 
         rank = cfg.num_experts * cfg.r
-        lora = LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(cfg.target_modules), bias="none")
+        lora = LoraConfig(
+            r=rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=list(cfg.target_modules),
+            bias="none",
+        )
         return MultitaskClassifier(get_peft_model(encoder, lora), heads, pass_task_ids=False)
-    common = dict(target_modules=list(cfg.target_modules), num_experts=cfg.num_experts, r=cfg.r,
-                  lora_alpha=cfg.lora_alpha, router_init_std=cfg.router_init_std)
+    common = {
+        "target_modules": list(cfg.target_modules),
+        "num_experts": cfg.num_experts,
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "router_init_std": cfg.router_init_std,
+    }
     if key == "molora-task":
-        mcfg = MoLoRAConfig(router="task", num_tasks=len(tasks), top_k=cfg.task_top_k,
-                            task_names=[t.name for t in tasks], router_aux_loss_coef=0.0, **common)
+        mcfg = MoLoRAConfig(
+            router="task",
+            num_tasks=len(tasks),
+            top_k=cfg.task_top_k,
+            task_names=[t.name for t in tasks],
+            router_aux_loss_coef=0.0,
+            **common,
+        )
     elif key == "molora-topk":
-        mcfg = MoLoRAConfig(router="topk", top_k=cfg.top_k, router_aux_loss_coef=cfg.router_aux_loss_coef, **common)
+        mcfg = MoLoRAConfig(
+            router="topk",
+            top_k=cfg.top_k,
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+            **common,
+        )
     else:
         raise ValueError(f"unknown demo model {key!r}; choices: {sorted(DEMO_MODELS)}")
     return MultitaskClassifier(get_molora_model(encoder, mcfg), heads, pass_task_ids=True)
@@ -297,7 +351,15 @@ def _batches(rows: list[dict[str, Any]], batch_size: int, collator):
         yield collator(rows[start : start + batch_size])
 
 
-def _train(model: MultitaskClassifier, key: str, tasks, schedule, collator, cfg: DemoConfig, progress: bool) -> tuple[float, float]:
+def _train(
+    model: MultitaskClassifier,
+    key: str,
+    tasks,
+    schedule,
+    collator,
+    cfg: DemoConfig,
+    progress: bool,
+) -> tuple[float, float]:
     """Train in place; returns (wall seconds, CPU seconds of this process)."""
     from tqdm.auto import tqdm
 
@@ -309,7 +371,8 @@ def _train(model: MultitaskClassifier, key: str, tasks, schedule, collator, cfg:
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, round(cfg.warmup_ratio * cfg.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warmup)))
+        optimizer,
+        lambda s: min((s + 1) / warmup, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warmup))),
     )
     aux_coef = getattr(getattr(model.encoder, "molora_config", None), "router_aux_loss_coef", 0.0)
     torch.manual_seed(cfg.seed + 2)  # dropout
@@ -372,8 +435,13 @@ def _plot_routing(routing: dict[str, dict[str, dict]], path: Path, cfg: DemoConf
 
     models = list(routing)
     task_names = list(next(iter(routing.values())))
-    fig, axes = plt.subplots(len(models), len(task_names), figsize=(3.2 * len(task_names), 0.3 * 12 + 2.2 * len(models)),
-                             squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(models),
+        len(task_names),
+        figsize=(3.2 * len(task_names), 0.3 * 12 + 2.2 * len(models)),
+        squeeze=False,
+        constrained_layout=True,
+    )
     image = None
     for i, key in enumerate(models):
         for j, task in enumerate(task_names):
@@ -400,7 +468,15 @@ def _short_layer(name: str) -> str:
     return f"L{layer} {parts[-1]}"
 
 
-def _export_check(model: MultitaskClassifier, tasks, collator, cfg: DemoConfig, routed_logits, routed_acc, out: Path) -> dict:
+def _export_check(
+    model: MultitaskClassifier,
+    tasks,
+    collator,
+    cfg: DemoConfig,
+    routed_logits,
+    routed_acc,
+    out: Path,
+) -> dict:
     """Export one exact PEFT adapter per task and score each on a freshly loaded MiniLM,
     with the task heads read back from the run folder (what a user would deploy)."""
     from peft import PeftModel
@@ -436,7 +512,9 @@ def format_table(results: dict) -> str:
     for key, row in results["models"].items():
         accs = "".join(f"{row['accuracy'][t]:>10.3f}" for t in task_names)
         name = f"{key} ({DEMO_MODELS[key].split(',')[-1].strip()})" if key.startswith("molora") else key
-        lines.append(f"{name:<34}{accs}{row['mean_accuracy']:>8.3f}{row['trainable_params']:>11,d}{row['train_s']:>9.1f}")
+        lines.append(
+            f"{name:<34}{accs}{row['mean_accuracy']:>8.3f}{row['trainable_params']:>11,d}{row['train_s']:>9.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -473,7 +551,14 @@ def run_demo(
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with _quiet():
-        return _run_demo(out_dir=out_dir, steps=steps, seed=seed, quick=quick, config=config, progress=progress)
+        return _run_demo(
+            out_dir=out_dir,
+            steps=steps,
+            seed=seed,
+            quick=quick,
+            config=config,
+            progress=progress,
+        )
 
 
 @contextmanager
@@ -532,7 +617,12 @@ def _run_demo(*, out_dir, steps, seed, quick, config, progress) -> dict:
         f"{cfg.target_modules}: N={cfg.num_experts} experts of rank {cfg.r} vs one LoRA of rank {cfg.num_experts * cfg.r}"
     )
 
-    results: dict[str, Any] = {"out_dir": str(out), "tasks": [t.name for t in tasks], "config": cfg.to_dict(), "models": {}}
+    results: dict[str, Any] = {
+        "out_dir": str(out),
+        "tasks": [t.name for t in tasks],
+        "config": cfg.to_dict(),
+        "models": {},
+    }
     routing, trained = {}, {}
     for key, description in DEMO_MODELS.items():
         model = _build(key, base, tasks, cfg)
@@ -569,15 +659,21 @@ def _run_demo(*, out_dir, steps, seed, quick, config, progress) -> dict:
     print()
     print(format_table(results))
     print()
-    print(f"export check (task router -> one PEFT LoRA per task, method='cat', loaded with "
-          f"peft.PeftModel.from_pretrained on a fresh MiniLM) in {out / 'adapters'}:")
+    print(
+        f"export check (task router -> one PEFT LoRA per task, method='cat', loaded with "
+        f"peft.PeftModel.from_pretrained on a fresh MiniLM) in {out / 'adapters'}:"
+    )
     for task, c in check.items():
         mark = "OK" if c["ok"] else "MISMATCH"
-        print(f"  {task:<10} routed {c['routed_accuracy']:.4f}  exported {c['exported_accuracy']:.4f}  "
-              f"max |logit diff| {c['max_abs_logit_diff']:.1e}  {mark}")
+        print(
+            f"  {task:<10} routed {c['routed_accuracy']:.4f}  exported {c['exported_accuracy']:.4f}  "
+            f"max |logit diff| {c['max_abs_logit_diff']:.1e}  {mark}"
+        )
     print(f"routing heatmap: {out / 'routing.png'}")
-    print(f"results: {out / 'results.json'}  (total {results['wall_s']:.0f}s wall, {results['cpu_s']:.0f}s CPU; "
-          f"torch threads {torch.get_num_threads()})")
+    print(
+        f"results: {out / 'results.json'}  (total {results['wall_s']:.0f}s wall, {results['cpu_s']:.0f}s CPU; "
+        f"torch threads {torch.get_num_threads()})"
+    )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -585,9 +681,16 @@ def _run_demo(*, out_dir, steps, seed, quick, config, progress) -> dict:
 def _save_heads(heads: nn.ModuleList, tasks: list[_TaskData], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"{task.name}.{n}": p.detach().contiguous() for task, head in zip(tasks, heads)
-               for n, p in head.named_parameters()}
-    save_file(tensors, str(path), metadata={"labels": json.dumps({t.name: t.labels for t in tasks})})
+    tensors = {
+        f"{task.name}.{n}": p.detach().contiguous()
+        for task, head in zip(tasks, heads)
+        for n, p in head.named_parameters()
+    }
+    save_file(
+        tensors,
+        str(path),
+        metadata={"labels": json.dumps({t.name: t.labels for t in tasks})},
+    )
 
 
 def _load_heads(path: Path, tasks: list[_TaskData], hidden: int) -> nn.ModuleList:

@@ -61,7 +61,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys, one_thread):
     # the same adapter budget: N experts of rank r == one LoRA of rank N * r
     lora = results["models"]["shared-lora"]["adapter_params"]
     task = results["models"]["molora-task"]["adapter_params"]
-    n_layers, n_tasks, n = 12, len(tasks), results["config"]["num_experts"]  # 6 layers x (query, value)
+    n_layers, n_tasks, n = (
+        12,
+        len(tasks),
+        results["config"]["num_experts"],
+    )  # 6 layers x (query, value)
     assert task == lora + n_layers * n_tasks * n  # + the task router's (tasks, N) tables
 
     # every exported per-task adapter, on a fresh MiniLM with PEFT, scores the routed accuracy

@@ -17,12 +17,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "PEFT adapter per task and check it. About 3 minutes on 2 CPU cores, no network."
         ),
     )
-    parser.add_argument("--out", metavar="DIR", default=None, help="run folder (default: runs/demo-<timestamp>)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per model (default: from the config)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: from the config, 0)")
-    parser.add_argument("--quick", action="store_true", help="a tiny run (seconds): few examples and steps")
-    parser.add_argument("--config", metavar="YAML", default=None,
-                        help="demo settings (kind: demo), e.g. configs/demo.yaml (default: built-in, the same values)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="run folder (default: runs/demo-<timestamp>)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps per model (default: from the config)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed (default: from the config, 0)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny run (seconds): few examples and steps",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        default=None,
+        help="demo settings (kind: demo), e.g. configs/demo.yaml (default: built-in, the same values)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -33,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"molora demo: --steps must be >= 1, got {args.steps}")
     config = DemoConfig.from_yaml(args.config, quick=args.quick) if args.config else None
-    results = run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, quick=args.quick and config is None,
-                       config=config, progress=not args.no_progress)
+    results = run_demo(
+        out_dir=args.out,
+        steps=args.steps,
+        seed=args.seed,
+        quick=args.quick and config is None,
+        config=config,
+        progress=not args.no_progress,
+    )
     return 0 if results["export_ok"] else 1
