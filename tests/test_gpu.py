@@ -98,7 +98,7 @@ def test_layer_bf16_cuda_matches_eager_layer():
     x = torch.randn(4, 50, IN, device="cuda", dtype=torch.bfloat16)
     outs = {impl: layer(x) for impl, layer in layers.items()}
     torch.testing.assert_close(outs["auto"].float(), outs["eager"].float(), rtol=0.05, atol=0.05)
-    for impl, out in outs.items():
+    for out in outs.values():
         out.float().square().mean().backward()
     for name in ["lora_A", "lora_B"]:
         a, b = getattr(layers["auto"], name).grad, getattr(layers["eager"], name).grad

@@ -79,7 +79,7 @@ def test_eval_reports_per_task_loss_accuracy_and_routing(tiny_run):
     assert [e["step"] for e in evals] == [3, 6]
     last = evals[-1]
     assert set(last["tasks"]) == {"reverse", "sort"}
-    for task, m in last["tasks"].items():
+    for m in last["tasks"].values():
         assert m["examples"] == 8  # max_eval_batches=2 x batch 4
         assert m["tokens"] > 0 and math.isfinite(m["loss"]) and 0 <= m["accuracy"] <= 1
     assert set(last["routing"]) == {"reverse", "sort"}
