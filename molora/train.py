@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from molora.data import IGNORE_INDEX, MultitaskCollator, load_task_datasets, mix_tasks, tokenize_causal_lm, tokenize_classification
+from molora.io import atomic_directory
 from molora.model import MoLoRAModel, get_molora_model
 from molora.run_config import RunConfig
 
@@ -496,6 +497,14 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
     collator = MultitaskCollator.from_tokenizer(tokenizer, pad_to_multiple_of=config.data.pad_to_multiple_of)
 
     base = _load_base_model(config, tokenizer)
+    if config.model.from_config is not None:
+        # A model built from config has no weights anywhere else: keep them with the run, so
+        # that adapters, exports and `molora export RUN` can name and reload their base.
+        base_dir = (output_dir / "base_model").resolve()
+        if main and ckpt is None:
+            with atomic_directory(base_dir) as tmp:
+                base.save_pretrained(tmp)
+        base.config.name_or_path = str(base_dir)
     if ckpt is not None:
         model = MoLoRAModel.from_pretrained(base, ckpt / "adapter", is_trainable=True)
         if model.molora_config.to_dict() != config.molora.to_dict():

@@ -328,3 +328,20 @@ def test_eval_token_loss_and_accuracy_match_a_direct_computation():
     loss, n, ok = _example_stats(cls_logits, torch.tensor([0, 0]), causal=False)
     assert n.tolist() == [1, 1] and ok.tolist() == [1, 0]
     assert loss.tolist() == pytest.approx(torch.nn.functional.cross_entropy(cls_logits, torch.tensor([0, 0]), reduction="none").tolist())
+
+
+def test_run_from_config_keeps_its_base_model_for_exports(tiny_run, tmp_path):
+    """A base built from config exists nowhere else: the run saves it and the adapter names it,
+    so that `molora export RUN` needs no --base."""
+    import json
+
+    from molora import MoLoRAModel
+    from molora.cli import main
+    from molora.commands.export import load_base_model
+
+    meta = json.loads((tiny_run / "final" / "molora_config.json").read_text())
+    assert meta["base_model_name_or_path"] == str((tiny_run / "base_model").resolve())
+    model = MoLoRAModel.from_pretrained(load_base_model(meta["base_model_name_or_path"]), tiny_run / "final")
+    assert model.base_model.config.vocab_size == 260
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "r4"), "--method", "svd", "--rank", "4", "--no-progress"]) == 0
+    assert (tmp_path / "r4" / "adapter_model.safetensors").is_file()
