@@ -501,7 +501,9 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
         # A model built from config has no weights anywhere else: keep them with the run, so
         # that adapters, exports and `molora export RUN` can name and reload their base.
         base_dir = (output_dir / "base_model").resolve()
-        if main and ckpt is None:
+        if ckpt is not None and (base_dir / "config.json").is_file():
+            base = type(base).from_pretrained(base_dir, dtype=base.dtype)  # exactly the run's base
+        elif main:
             with atomic_directory(base_dir) as tmp:
                 base.save_pretrained(tmp)
         base.config.name_or_path = str(base_dir)
