@@ -103,6 +103,40 @@ def sort_pairs(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     return order, token, offs
 
 
+def _grouped_up(h, gate, lora_B, token, offs, num_tokens: int, use_kernel: bool) -> torch.Tensor:
+    """Grouped up-projection and combine: y[t] = sum over t's pairs of B_e (gate * h).
+
+    h (P, r) and gate (P,) are in expert-sorted pair order; returns (T, out).
+    """
+    ys = gmm(h * gate[:, None], lora_B.transpose(1, 2), offs, use_kernel=use_kernel)  # (P, out)
+    return ys.new_zeros(num_tokens, ys.shape[1]).index_add_(0, token, ys)  # (T, out)
+
+
+def _grouped_up_backward(ctx, grad_out, lora_B, order, token, offs, gate, h, *, need_B, need_w, need_h):
+    """Backward of :func:`_grouped_up`, running only the GEMMs the requested gradients need.
+
+    Returns:
+        grad_B (N, out, r), grad_w (T, k) of the unscaled gates, and dh (P, r) the gradient of
+        h; each None when not requested.
+    """
+    use_kernel = ctx.use_kernel
+    gys = grad_out.contiguous().index_select(0, token)  # (P, out)
+    grad_B = grad_w = dh = None
+    if need_B:
+        grad_B = gmm_wgrad(h * gate[:, None], gys, offs, use_kernel=use_kernel).transpose(1, 2).contiguous()
+    if not (need_w or need_h):
+        return grad_B, grad_w, dh
+    d_hg = gmm(gys, lora_B, offs, use_kernel=use_kernel)  # (P, r): grad of s * g * h
+    del gys
+    if need_w:
+        d_gate = (d_hg * h).sum(-1) * ctx.scaling  # (P,) grad of the unscaled gate
+        grad_w = torch.empty_like(d_gate).index_copy_(0, order, d_gate)  # back to (T*k) order
+        grad_w = grad_w.view(ctx.top_w_shape).to(ctx.top_w_dtype)  # (T, k)
+    if need_h:
+        dh = d_hg * gate[:, None]  # (P, r)
+    return grad_B, grad_w, dh
+
+
 class _GroupedLoRA(torch.autograd.Function):
     """Sparse expert sum on token-expert pairs sorted by expert (the sort is an input).
 
@@ -122,8 +156,7 @@ class _GroupedLoRA(torch.autograd.Function):
         xs = x.index_select(0, token)  # (P, in)
         h = gmm(xs, lora_A.transpose(1, 2), offs, use_kernel=use_kernel)  # (P, r)
         del xs
-        ys = gmm(h * gate[:, None], lora_B.transpose(1, 2), offs, use_kernel=use_kernel)  # (P, out)
-        out = ys.new_zeros(num_tokens, ys.shape[1]).index_add_(0, token, ys)  # (T, out)
+        out = _grouped_up(h, gate, lora_B, token, offs, num_tokens, use_kernel)  # (T, out)
         ctx.save_for_backward(x, lora_A, lora_B, order, token, offs, gate, h)
         ctx.scaling, ctx.use_kernel = scaling, use_kernel
         ctx.top_w_shape, ctx.top_w_dtype = top_w.shape, top_w.dtype
@@ -134,20 +167,10 @@ class _GroupedLoRA(torch.autograd.Function):
         x, lora_A, lora_B, order, token, offs, gate, h = ctx.saved_tensors
         use_kernel = ctx.use_kernel
         need_x, need_A, need_B, need_w = ctx.needs_input_grad[:4]
-        gys = grad_out.contiguous().index_select(0, token)  # (P, out)
-        grad_x = grad_A = grad_B = grad_w = None
-        if need_B:
-            hg = h * gate[:, None]  # (P, r)
-            grad_B = gmm_wgrad(hg, gys, offs, use_kernel=use_kernel).transpose(1, 2).contiguous()  # (N, out, r)
-        if not (need_x or need_A or need_w):
-            return grad_x, grad_A, grad_B, grad_w, None, None, None, None, None
-        d_hg = gmm(gys, lora_B, offs, use_kernel=use_kernel)  # (P, r): grad of s * g * h
-        del gys
-        if need_w:
-            d_gate = (d_hg * h).sum(-1) * ctx.scaling  # (P,) grad of the unscaled gate
-            grad_w = torch.empty_like(d_gate).index_copy_(0, order, d_gate)  # back to (T*k) order
-            grad_w = grad_w.view(ctx.top_w_shape).to(ctx.top_w_dtype)  # (T, k)
-        dh = d_hg * gate[:, None]  # (P, r)
+        grad_B, grad_w, dh = _grouped_up_backward(
+            ctx, grad_out, lora_B, order, token, offs, gate, h, need_B=need_B, need_w=need_w, need_h=need_x or need_A
+        )
+        grad_x = grad_A = None
         if need_A:
             xs = x.index_select(0, token)  # (P, in), rebuilt rather than saved
             grad_A = gmm_wgrad(dh, xs, offs, use_kernel=use_kernel)  # (N, r, in)
@@ -178,8 +201,7 @@ class _HybridLoRA(torch.autograd.Function):
         h_all = x @ lora_A.reshape(num_experts * rank, in_features).t()  # (T, N*r)
         h = h_all.view(num_tokens * num_experts, rank).index_select(0, slot)  # (P, r)
         del h_all
-        ys = gmm(h * gate[:, None], lora_B.transpose(1, 2), offs, use_kernel=use_kernel)  # (P, out)
-        out = ys.new_zeros(num_tokens, ys.shape[1]).index_add_(0, token, ys)  # (T, out)
+        out = _grouped_up(h, gate, lora_B, token, offs, num_tokens, use_kernel)  # (T, out)
         ctx.save_for_backward(x, lora_A, lora_B, order, token, slot, offs, gate, h)
         ctx.scaling, ctx.use_kernel = scaling, use_kernel
         ctx.top_w_shape, ctx.top_w_dtype = top_w.shape, top_w.dtype
@@ -188,24 +210,14 @@ class _HybridLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, lora_A, lora_B, order, token, slot, offs, gate, h = ctx.saved_tensors
-        use_kernel = ctx.use_kernel
         num_tokens = x.shape[0]
         num_experts, rank, in_features = lora_A.shape
         need_x, need_A, need_B, need_w = ctx.needs_input_grad[:4]
-        gys = grad_out.contiguous().index_select(0, token)  # (P, out)
-        grad_x = grad_A = grad_B = grad_w = None
-        if need_B:
-            grad_B = gmm_wgrad(h * gate[:, None], gys, offs, use_kernel=use_kernel).transpose(1, 2).contiguous()
-        if not (need_x or need_A or need_w):
-            return grad_x, grad_A, grad_B, grad_w, None, None, None, None, None, None
-        d_hg = gmm(gys, lora_B, offs, use_kernel=use_kernel)  # (P, r)
-        del gys
-        if need_w:
-            d_gate = (d_hg * h).sum(-1) * ctx.scaling  # (P,)
-            grad_w = torch.empty_like(d_gate).index_copy_(0, order, d_gate)
-            grad_w = grad_w.view(ctx.top_w_shape).to(ctx.top_w_dtype)  # (T, k)
+        grad_B, grad_w, dh = _grouped_up_backward(
+            ctx, grad_out, lora_B, order, token, offs, gate, h, need_B=need_B, need_w=need_w, need_h=need_x or need_A
+        )
+        grad_x = grad_A = None
         if need_x or need_A:
-            dh = d_hg * gate[:, None]  # (P, r)
             dh_all = dh.new_zeros(num_tokens * num_experts, rank).index_copy_(0, slot, dh)
             dh_all = dh_all.view(num_tokens, num_experts * rank)  # (T, N*r), zero off the chosen experts
             if need_x:
