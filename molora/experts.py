@@ -227,6 +227,16 @@ class _HybridLoRA(torch.autograd.Function):
         return grad_x, grad_A, grad_B, grad_w, None, None, None, None, None, None
 
 
+def _sorted_pairs(weights, indices, num_experts: int, num_tokens: int, device):
+    """Indices (dense routing as top-N), the chosen gates (T, k), and the expert sort."""
+    if indices is None:
+        indices = torch.arange(num_experts, device=device).expand(num_tokens, -1)
+    top_w = weights.gather(1, indices)  # (T, k)
+    with torch.no_grad():
+        order, token, offs = sort_pairs(indices, num_experts)
+    return indices, top_w, order, token, offs
+
+
 def hybrid_experts(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -242,11 +252,8 @@ def hybrid_experts(
     See :class:`_HybridLoRA`; dense routing is treated as top-N.
     """
     num_experts = lora_A.shape[0]
-    if indices is None:
-        indices = torch.arange(num_experts, device=x.device).expand(x.shape[0], -1)
-    top_w = weights.gather(1, indices)  # (T, k)
+    indices, top_w, order, token, offs = _sorted_pairs(weights, indices, num_experts, x.shape[0], x.device)
     with torch.no_grad():
-        order, token, offs = sort_pairs(indices, num_experts)
         slot = token * num_experts + indices.reshape(-1).index_select(0, order)  # (P,) row in (T*N, r)
     return _HybridLoRA.apply(
         x.contiguous(), lora_A, lora_B, top_w, order, token, slot, offs, float(scaling), use_kernel
@@ -268,12 +275,7 @@ def grouped_experts(
     Only the chosen experts of each token are computed. Gradients flow to ``weights`` at
     the chosen positions only (where the router's gates can be non-zero).
     """
-    num_experts = lora_A.shape[0]
-    if indices is None:
-        indices = torch.arange(num_experts, device=x.device).expand(x.shape[0], -1)
-    top_w = weights.gather(1, indices)  # (T, k)
-    with torch.no_grad():
-        order, token, offs = sort_pairs(indices, num_experts)
+    _, top_w, order, token, offs = _sorted_pairs(weights, indices, lora_A.shape[0], x.shape[0], x.device)
     return _GroupedLoRA.apply(x.contiguous(), lora_A, lora_B, top_w, order, token, offs, float(scaling), use_kernel)
 
 
