@@ -79,25 +79,30 @@ def tiny_config_path() -> Path:
     return TINY_CONFIG
 
 
+def tiny_run_overrides(root: Path, out: str = "run", extra: dict | None = None) -> list[str]:
+    """Dotted overrides that make configs/tiny.yaml a few-second run writing to root/out."""
+    values = {
+        "train.output_dir": str(root / out),
+        "data.cache_dir": str(root / "ds_cache"),
+        "train.max_steps": 6,
+        "train.grad_accum": 1,
+        "train.batch_size": 4,
+        "train.eval_every": 3,
+        "train.save_every": 3,
+        "train.log_every": 1,
+        "train.max_eval_batches": 2,
+        "train.progress_bar": False,
+    }
+    values.update(extra or {})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path):
-    """Factory: dotted overrides that make configs/tiny.yaml a few-second test run in tmp_path."""
+    """Factory: :func:`tiny_run_overrides` writing into tmp_path."""
 
     def make(out: str = "run", extra: dict | None = None) -> list[str]:
-        values = {
-            "train.output_dir": str(tmp_path / out),
-            "data.cache_dir": str(tmp_path / "ds_cache"),
-            "train.max_steps": 6,
-            "train.grad_accum": 1,
-            "train.batch_size": 4,
-            "train.eval_every": 3,
-            "train.save_every": 3,
-            "train.log_every": 1,
-            "train.max_eval_batches": 2,
-            "train.progress_bar": False,
-        }
-        values.update(extra or {})
-        return [f"{k}={v}" for k, v in values.items()]
+        return tiny_run_overrides(tmp_path, out, extra)
 
     return make
 

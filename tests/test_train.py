@@ -17,27 +17,16 @@ import torch
 from molora.cli import main
 from molora.train import build_byte_tokenizer, lr_factor, param_groups
 
-from conftest import REPO_ROOT, TINY_CONFIG, build_tiny_llama
+from conftest import REPO_ROOT, TINY_CONFIG, build_tiny_llama, tiny_run_overrides
 
 MAX_STEPS = 6
 
 
 def _overrides(root: Path, out: str, extra: dict | None = None) -> list[str]:
-    values = {
-        "train.output_dir": str(root / out),
-        "data.cache_dir": str(root / "ds_cache"),
-        "train.max_steps": MAX_STEPS,
-        "data.num_samples": 16,  # 4 batches per pass: runs and resumes cross epoch boundaries
-        "train.grad_accum": 2,
-        "train.batch_size": 4,
-        "train.eval_every": 3,
-        "train.save_every": 3,
-        "train.log_every": 1,
-        "train.max_eval_batches": 2,
-        "train.progress_bar": False,
-    }
-    values.update(extra or {})
-    return [f"{k}={v}" for k, v in values.items()]
+    # 16 samples = 4 batches per pass: runs and resumes cross epoch boundaries
+    return tiny_run_overrides(
+        root, out, {"train.max_steps": MAX_STEPS, "data.num_samples": 16, "train.grad_accum": 2, **(extra or {})}
+    )
 
 
 def _records(run: Path, kind: str) -> list[dict]:
