@@ -2,7 +2,7 @@
 
 Every targeted layer of a Llama-7B-shaped model (32 layers x q, k, v, o, gate, up, down;
 hidden 4096, intermediate 11008) gets random stacked factors A (N, r, in), B (N, out, r)
-with N=8, r=16, and molora.export's pure functions merge them: "cat" (exact, rank N r = 128)
+with N=8, r=16, and molora.merge.export's pure functions merge them: "cat" (exact, rank N r = 128)
 and "svd" to rank 16 (QR of the stacked factors + SVD of the 128 x 128 core). The merged
 factors of all layers are kept, as the exporter keeps them for the one safetensors file.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-from molora.export import merge_factors  # noqa: E402
+from molora.merge.export import merge_factors  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 4096, 11008
 MODULES = {  # name: (in, out)

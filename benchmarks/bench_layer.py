@@ -1,11 +1,11 @@
-"""One linear layer fwd+bwd: base, PEFT LoRA and every molora expert path (see molora.bench.layer).
+"""One linear layer fwd+bwd: base, PEFT LoRA and every molora expert path (see molora.apps.bench.layer).
 
     python benchmarks/bench_layer.py --help
 """
 
 import sys
 
-from molora.bench.layer import main
+from molora.apps.bench.layer import main
 
 if __name__ == "__main__":
     sys.exit(main())

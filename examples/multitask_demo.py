@@ -10,7 +10,7 @@ exported per-task PEFT adapters score what the routed model scores.
     molora demo                                  # the full demo (~3 minutes on 2 CPU cores)
 """
 
-from molora.demo import DemoConfig, run_demo
+from molora.apps.demo.run import DemoConfig, run_demo
 
 config = DemoConfig(max_train_per_task=300, max_test_per_task=120, steps=40, batch_size=16)
 results = run_demo(out_dir="runs/example-demo", config=config)

@@ -4,26 +4,19 @@ Quickstart::
 
     from molora import MoLoRAConfig, get_molora_model
     model = get_molora_model(base_model, MoLoRAConfig(target_modules=["q_proj", "v_proj"]))
+
+Where things are: ``molora.core`` (config, layer, expert compute, losses), ``molora.inject``,
+``molora.io``, ``molora.merge`` (static merges and export), ``molora.model`` (the facade),
+``molora.training`` and ``molora.apps`` (command line, demo, benchmarks).
 """
 
-__version__ = "0.1.0"
-
-from molora.config import MoLoRAConfig
-from molora.experts import EXPERT_IMPLS
-from molora.layer import MoLoRALinear
-from molora.losses import load_balancing_loss, router_z_loss
+from molora._version import __version__
+from molora.core.config import MoLoRAConfig
+from molora.core.experts import EXPERT_IMPLS
+from molora.core.layer import MoLoRALinear
+from molora.core.losses import load_balancing_loss, router_z_loss
+from molora.merge.gates import measure_gates
 from molora.model import MoLoRAModel, get_molora_model
-
-
-def measure_gates(model, batches, by_task: bool = False):
-    """Mean router weights per layer over the non-padding tokens of ``batches``.
-
-    See :func:`molora.export.measure_gates`.
-    """
-    from molora.export import measure_gates as _measure_gates
-
-    return _measure_gates(model, batches, by_task=by_task)
-
 
 __all__ = [
     "EXPERT_IMPLS",

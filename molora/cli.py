@@ -1,47 +1,9 @@
-"""The ``molora`` command line: ``molora train|export|inspect|bench|demo``.
+"""``python -m molora.cli``: the command line, kept at this path for scripts and launchers.
 
-Each subcommand lives in ``molora.commands.<name>`` with ``add_parser(subparsers)`` and
-``run(args) -> int``; modules are imported only when their subcommand runs, so ``molora
---help`` stays fast.
+The commands live in :mod:`molora.apps.cli`; the ``molora`` console script points there too.
 """
 
-from __future__ import annotations
-
-import argparse
-import importlib
-import sys
-
-COMMANDS = {
-    "train": "train a MoLoRA model from a YAML config",
-    "export": "export merged PEFT LoRA adapters from a MoLoRA run or adapter",
-    "inspect": "summarize a run and plot its routing",
-    "bench": "benchmark the expert compute paths",
-    "demo": "the offline multitask demo on a real pretrained model",
-}
-
-
-def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="molora", description="Mixture-of-LoRA-experts for transformers models.")
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
-    for name, help_text in COMMANDS.items():
-        if name == selected:
-            importlib.import_module(f"molora.commands.{name}").add_parser(sub)
-        else:
-            sub.add_parser(name, help=help_text, add_help=False)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    selected = argv[0] if argv and argv[0] in COMMANDS else None
-    parser = build_parser(selected)
-    args = parser.parse_args(argv)
-    if selected is None:
-        parser.print_help()
-        return 0 if not argv else 2
-    module = importlib.import_module(f"molora.commands.{selected}")
-    return int(module.run(args) or 0)
-
+from molora.apps.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

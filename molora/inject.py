@@ -7,8 +7,8 @@ import re
 import torch
 from torch import nn
 
-from molora.config import MoLoRAConfig
-from molora.layer import Conv1D, MoLoRALinear, RoutingContext, linear_shape
+from molora.core.config import MoLoRAConfig
+from molora.core.layer import Conv1D, MoLoRALinear, RoutingContext, linear_shape
 from routers import build_router
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

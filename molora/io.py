@@ -11,93 +11,27 @@ A saved adapter is a folder with
 
 Loading checks the base model (module names, shapes) and the tensor file (keys, shapes)
 against the metadata before the base model is touched, and says exactly what does not fit.
-Each file is written to a temporary file in the same folder and renamed over the old one,
-so an interrupted save never leaves a truncated file behind.
+Writes go through :mod:`molora.atomic`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from molora.config import MoLoRAConfig
+from molora._version import __version__
+from molora.atomic import atomic_save_safetensors, atomic_write_text
+from molora.core.config import MoLoRAConfig
+from molora.core.layer import linear_shape
 from molora.inject import find_modules_to_save, find_target_modules
-from molora.layer import linear_shape
-
-if TYPE_CHECKING:
-    from molora.model import MoLoRAModel
 
 CONFIG_NAME = "molora_config.json"
 WEIGHTS_NAME = "molora_model.safetensors"
-
-
-def _atomic_write(path: str | os.PathLike, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path``, on error it is removed.
-
-    The old folder (if any) is moved aside and deleted only after the new one is in place, so
-    readers see the old folder or the new one, never a half-written one. Callers check that
-    an existing ``path`` may be replaced before entering.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{str(path)!r} exists and is not a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to ``path`` through a temporary file and a rename."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic_write(path, write)
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` through a temporary file and a rename."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def base_model_name(model: torch.nn.Module) -> str | None:
@@ -106,7 +40,7 @@ def base_model_name(model: torch.nn.Module) -> str | None:
     return str(name) if name else None
 
 
-def adapter_state_dict(model: MoLoRAModel) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """The tensors a MoLoRA adapter consists of, keyed as in ``molora_model.safetensors``."""
     state: dict[str, torch.Tensor] = {}
     for name, layer in model.molora_layers().items():
@@ -120,10 +54,8 @@ def adapter_state_dict(model: MoLoRAModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_molora(model: MoLoRAModel, save_directory: str | os.PathLike) -> None:
+def save_molora(model: Any, save_directory: str | os.PathLike) -> None:
     """Write the adapter of ``model`` to ``save_directory`` (see module docstring)."""
-    from molora import __version__
-
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"`save_directory` {str(directory)!r} exists and is not a folder")
@@ -171,7 +103,7 @@ def _diff(expected: dict[str, Any], found: dict[str, Any], what: str) -> list[st
     return problems
 
 
-def load_molora(cls, base_model: torch.nn.Module, path: str | os.PathLike, *, is_trainable: bool = False) -> MoLoRAModel:
+def load_molora(cls, base_model: torch.nn.Module, path: str | os.PathLike, *, is_trainable: bool = False) -> Any:
     """Validate a saved adapter against ``base_model``, then inject and load it."""
     path = Path(path)
     meta = read_metadata(path)

@@ -11,10 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from molora.config import MoLoRAConfig
+from molora.core.config import MoLoRAConfig
+from molora.core.layer import MoLoRALinear, RoutingContext
+from molora.core.losses import load_balancing_loss, router_z_loss
 from molora.inject import inject_molora, unload_molora
-from molora.layer import MoLoRALinear, RoutingContext
-from molora.losses import load_balancing_loss, router_z_loss
+from molora.io import load_molora, save_molora
+from molora.merge import export, from_peft
 
 
 class MoLoRAModel(nn.Module):
@@ -219,8 +221,6 @@ class MoLoRAModel(nn.Module):
     # ------------------------------------------------------------------ I/O and export
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write ``molora_config.json`` and ``molora_model.safetensors`` (atomically)."""
-        from molora.io import save_molora
-
         save_molora(self, save_directory, **kwargs)
 
     @classmethod
@@ -233,20 +233,14 @@ class MoLoRAModel(nn.Module):
             is_trainable: keep the adapter trainable; otherwise the model is put in eval
                 mode with every parameter frozen (as PEFT).
         """
-        from molora.io import load_molora
-
         return load_molora(cls, base_model, path, is_trainable=is_trainable)
 
     def export_merged_adapter(self, path: str | os.PathLike, **kwargs) -> dict:
-        """Collapse the experts into one PEFT LoRA adapter (see :mod:`molora.export`)."""
-        from molora import export
-
+        """Collapse the experts into one PEFT LoRA adapter (see :mod:`molora.merge.export`)."""
         return export.export_merged_adapter(self, path, **kwargs)
 
     def merge_and_unload(self, **kwargs) -> nn.Module:
         """Fold s * sum_i w_i B_i A_i into the base weights; return the plain base model."""
-        from molora import export
-
         return export.merge_and_unload(self, **kwargs)
 
     @classmethod
@@ -256,11 +250,9 @@ class MoLoRAModel(nn.Module):
         """Build a MoLoRA model whose expert i starts as the PEFT LoRA adapter ``paths[i]``.
 
         Keyword arguments (``freeze_experts``, ``check_base_name``) go to
-        :func:`molora.from_peft.from_lora_adapters`.
+        :func:`molora.merge.from_peft.from_lora_adapters`.
         """
-        from molora import from_peft
-
-        return from_peft.from_lora_adapters(base_model, paths, config, **kwargs)
+        return from_peft.from_lora_adapters(cls, base_model, paths, config, **kwargs)
 
 
 def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:

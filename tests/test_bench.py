@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from molora.bench import layer as bench_layer
-from molora.bench import train as bench_train
+from molora.apps.bench import layer as bench_layer
+from molora.apps.bench import train as bench_train
 from molora.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]

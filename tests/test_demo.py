@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from molora.demo import DEMO_MODELS, QUICK_OVERRIDES, DemoConfig
+from molora.apps.demo.run import DEMO_MODELS, QUICK_OVERRIDES, DemoConfig
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -45,7 +45,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys, one_thread):
     pytest.importorskip("vader")
     pytest.importorskip("peft")
     pytest.importorskip("matplotlib")
-    from molora.demo import run_demo
+    from molora.apps.demo.run import run_demo
 
     results = run_demo(out_dir=tmp_path / "run", quick=True, progress=False)
     printed = capsys.readouterr().out

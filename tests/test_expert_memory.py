@@ -9,9 +9,9 @@ T*k*r plus x itself.
 import pytest
 import torch
 
-from molora.bench.report import saved_tensors
-from molora.experts import EXPERT_IMPLS
-from molora.layer import MoLoRALinear
+from molora.apps.bench.report import saved_tensors
+from molora.core.experts import EXPERT_IMPLS
+from molora.core.layer import MoLoRALinear
 from routers import TopKRouter
 
 T, IN, OUT, N, R, K = 256, 64, 96, 8, 4, 2

@@ -8,7 +8,7 @@ float32 and bfloat16.
 import pytest
 import torch
 
-from molora.experts import EXPERT_IMPLS, resolve_impl
+from molora.core.experts import EXPERT_IMPLS, resolve_impl
 from routers import SoftRouter, TaskRouter, TopKRouter
 
 FAST = sorted(name for name in EXPERT_IMPLS if name != "eager")

@@ -1,4 +1,4 @@
-"""Tests for molora.export: the merge math, PEFT adapter export, merge_and_unload, gates."""
+"""Tests for molora.merge.export: the merge math, PEFT adapter export, merge_and_unload, gates."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from molora.export import (
+from molora.merge.export import (
     cat_factors,
     dense_delta,
     load_gates,
@@ -470,7 +470,7 @@ def test_cli_export_adapter_tasks_and_merged_base(tmp_path, capsys):
 
 
 def test_cli_finds_the_adapter_of_a_run(tmp_path):
-    from molora.commands.export import find_adapter_dir
+    from molora.apps.commands.export import find_adapter_dir
 
     for step in (10, 200, 30):
         sub = f"checkpoints/step_{step:07d}/adapter"

@@ -1,4 +1,4 @@
-"""Tests for molora.from_peft: MoLoRA experts initialised from existing PEFT LoRA adapters."""
+"""Tests for molora.merge.from_peft: MoLoRA experts initialised from existing PEFT LoRA adapters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from molora import MoLoRAConfig, MoLoRALinear, MoLoRAModel, get_molora_model
-from molora.from_peft import from_lora_adapters, read_lora_adapter
+from molora.merge.from_peft import from_lora_adapters, read_lora_adapter
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402

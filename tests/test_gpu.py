@@ -8,9 +8,9 @@ must match the eager reference within bf16 tolerances.
 import pytest
 import torch
 
-from molora.experts import EXPERT_IMPLS
-from molora.grouped_mm import gmm, gmm_wgrad
-from molora.layer import MoLoRALinear
+from molora.core.experts import EXPERT_IMPLS
+from molora.core.kernels.grouped_mm import gmm, gmm_wgrad
+from molora.core.layer import MoLoRALinear
 from routers import SoftRouter, TaskRouter, TopKRouter
 
 pytestmark = [
@@ -106,7 +106,7 @@ def test_layer_bf16_cuda_matches_eager_layer():
 
 
 def test_auto_uses_hybrid_on_cuda_for_thin_experts():
-    from molora.experts import choose_impl
+    from molora.core.experts import choose_impl
 
     x = torch.empty(512, IN, device="cuda", dtype=torch.bfloat16)
     A = torch.empty(N, R, IN, device="cuda", dtype=torch.bfloat16)

@@ -1,4 +1,4 @@
-"""Grouped GEMMs (molora.grouped_mm): F.grouped_mm path vs the padded-bmm fallback vs a naive loop.
+"""Grouped GEMMs (molora.core.kernels.grouped_mm): F.grouped_mm path vs the padded-bmm fallback vs a naive loop.
 
 Odd sizes, empty groups (first, middle, last), a single group, zero rows, float32 and bfloat16.
 """
@@ -6,7 +6,7 @@ Odd sizes, empty groups (first, middle, last), a single group, zero rows, float3
 import pytest
 import torch
 
-from molora.grouped_mm import gmm, gmm_wgrad
+from molora.core.kernels.grouped_mm import gmm, gmm_wgrad
 
 
 def offsets(counts: list[int]) -> torch.Tensor:
@@ -109,7 +109,7 @@ def test_bfloat16(use_kernel):
 def test_expert_functions_with_partial_gradients(impl, needs):
     """The custom autograd Functions skip GEMMs for inputs that need no gradient; what they do
     return must still match the eager reference."""
-    from molora.experts import EXPERT_IMPLS
+    from molora.core.experts import EXPERT_IMPLS
 
     torch.manual_seed(3)
     T, IN, OUT, N, R, K = 45, 20, 12, 6, 4, 2
@@ -145,7 +145,7 @@ def _operands(tokens, dim, experts, rank, top_k, device="cpu"):
 
 
 def test_auto_path_choice():
-    from molora.experts import choose_impl
+    from molora.core.experts import choose_impl
 
     threads = torch.get_num_threads()
     try:

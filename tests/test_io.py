@@ -7,7 +7,7 @@ import torch
 from tiny_models import random_batch, tiny_gpt2, tiny_llama, train_steps
 
 from molora import MoLoRAConfig, MoLoRALinear, MoLoRAModel, get_molora_model
-from molora import io as molora_io
+from molora import atomic as molora_io
 
 
 def trained(router="task", build=tiny_llama, targets=("q_proj", "v_proj", "down_proj")):

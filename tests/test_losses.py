@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from molora.losses import load_balancing_loss, router_z_loss
+from molora.core.losses import load_balancing_loss, router_z_loss
 
 
 def balance_by_hand(logits, chosen, mask):

@@ -7,8 +7,14 @@ import torch
 from tiny_models import VOCAB, random_batch, tiny_gpt2, tiny_llama, train_steps
 from torch import nn
 
-from molora import MoLoRAConfig, MoLoRALinear, MoLoRAModel, get_molora_model, load_balancing_loss
-from molora.losses import router_z_loss
+from molora import (
+    MoLoRAConfig,
+    MoLoRALinear,
+    MoLoRAModel,
+    get_molora_model,
+    load_balancing_loss,
+)
+from molora.core.losses import router_z_loss
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

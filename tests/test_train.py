@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, TINY_CONFIG, build_tiny_llama, tiny_run_overrides
 
 from molora.cli import main
-from molora.train import build_byte_tokenizer, lr_factor, param_groups
-
-from conftest import REPO_ROOT, TINY_CONFIG, build_tiny_llama, tiny_run_overrides
+from molora.training.loop import build_byte_tokenizer, lr_factor, param_groups
 
 MAX_STEPS = 6
 
@@ -142,9 +141,9 @@ def test_task_router_run_exports_per_task_adapters(tmp_path):
     assert len(evals) == 1 and evals[0]["step"] == 2
     assert not (run / "checkpoints").exists()
     try:
-        import molora.export  # noqa: F401
+        import molora.merge.export  # noqa: F401
     except ImportError:
-        pytest.skip("molora.export is not importable: no export expected")
+        pytest.skip("molora.merge.export is not importable: no export expected")
     for task in ("reverse", "sort"):
         assert (run / "export" / task / "adapter_config.json").is_file()
 
@@ -297,7 +296,7 @@ def test_inspect_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_eval_token_loss_and_accuracy_match_a_direct_computation():
-    from molora.train import _example_stats
+    from molora.training.loop import _example_stats
 
     torch.manual_seed(0)
     model = build_tiny_llama()
@@ -325,8 +324,8 @@ def test_run_from_config_keeps_its_base_model_for_exports(tiny_run, tmp_path):
     import json
 
     from molora import MoLoRAModel
+    from molora.apps.commands.export import load_base_model
     from molora.cli import main
-    from molora.commands.export import load_base_model
 
     meta = json.loads((tiny_run / "final" / "molora_config.json").read_text())
     assert meta["base_model_name_or_path"] == str((tiny_run / "base_model").resolve())

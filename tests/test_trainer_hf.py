@@ -6,12 +6,11 @@ import inspect
 
 import pytest
 import torch
+from conftest import LLAMA_TARGETS, build_tiny_llama
 from datasets import Dataset
 
 from molora import MoLoRAConfig, get_molora_model
-from molora.data import MultitaskCollator
-
-from conftest import LLAMA_TARGETS, build_tiny_llama
+from molora.training.data import MultitaskCollator
 
 
 def _task_dataset(n: int = 64, length: int = 12) -> Dataset:

@@ -17,7 +17,7 @@ the chosen experts of sparse (top-k) routing, ``None`` for dense routing.
                    summed back per token. Work O(T*k*r*(in+out)) and saved activations
                    O(T*k*r) beyond x; a custom autograd Function reuses the forward's sort and
                    runs only the GEMMs the requested gradients need.
-- ``grouped_bmm``: ``grouped`` with the padded-bmm fallback of ``molora.grouped_mm`` forced.
+- ``grouped_bmm``: ``grouped`` with the padded-bmm fallback of ``molora.core.kernels.grouped_mm`` forced.
 - ``hybrid``:      sparse routing with a dense down-projection h = x A_cat^T (T, N*r) (x read
                    once, no (T*k, in) gather) and the grouped up-projection of ``grouped``.
 - ``auto``:        ``dense`` for dense routing and tiny T; for sparse routing ``hybrid`` or
@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from molora.grouped_mm import gmm, gmm_wgrad
+from molora.core.kernels.grouped_mm import gmm, gmm_wgrad
 
 ExpertFn = Callable[..., torch.Tensor]
 

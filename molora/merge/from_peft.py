@@ -1,6 +1,6 @@
 """Build a MoLoRA model whose experts are existing PEFT LoRA adapters (expert i = adapter i).
 
-The reverse of :mod:`molora.export`: a user who already has several LoRA adapters of one
+The reverse of :mod:`molora.merge.export`: a user who already has several LoRA adapters of one
 base model can mix them with a router and train only the router.
 
 Each adapter i contributes s_i B_i A_i at a module, with its own PEFT scaling
@@ -22,10 +22,9 @@ Only safetensors adapters are read (no pickle). Adapters are checked against the
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import nn
+
+from molora.core.config import lora_scaling
+from molora.core.layer import linear_shape
+from molora.io import base_model_name
 
 __all__ = ["LoraAdapter", "from_lora_adapters", "read_lora_adapter"]
 
@@ -134,7 +137,7 @@ def read_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
             raise ValueError(f"adapter {path}: module {module} has rank {rank} but its config says r={expected}")
         alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
         factors[module] = (lora_A, lora_B)
-        scalings[module] = float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+        scalings[module] = lora_scaling(float(alpha), rank, use_rslora)
     if not factors:
         raise ValueError(f"adapter {path} has no LoRA weights")
     return LoraAdapter(path=path, config=config, factors=factors, scalings=scalings)
@@ -142,9 +145,6 @@ def read_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
 
 def _check_against_base(adapters: Sequence[LoraAdapter], base: nn.Module, check_base_name: bool) -> None:
     """Module names and shapes of every adapter against the (not yet injected) base model."""
-    from molora.io import base_model_name
-    from molora.layer import linear_shape
-
     base_name = base_model_name(base)
     modules = dict(base.named_modules())
     for i, adapter in enumerate(adapters):
@@ -173,6 +173,7 @@ def _check_against_base(adapters: Sequence[LoraAdapter], base: nn.Module, check_
 
 
 def from_lora_adapters(
+    build: Callable[[nn.Module, Any], Any],
     base: nn.Module,
     paths: Sequence[str | os.PathLike],
     config: Any,
@@ -191,6 +192,8 @@ def from_lora_adapters(
     ``base`` in place; on a mismatch found after injection the base is restored first.
 
     Args:
+        build: ``build(base, config) -> MoLoRAModel`` (the model class, or ``get_molora_model``);
+            taken as an argument so that this module never imports the facade above it.
         base: the transformers model the adapters were trained on.
         paths: adapter folders, one per expert.
         config: the MoLoRAConfig.
@@ -206,8 +209,29 @@ def from_lora_adapters(
         ValueError: wrong number of adapters, rank above ``config.r``, adapters of another
             base model, or target modules that differ from the config's or between adapters.
     """
-    from molora.model import get_molora_model
+    adapters = _read_adapters(paths, config)
+    _check_against_base(adapters, base, check_base_name)
+    model = build(base, config)
+    layers = model.molora_layers()
+    targeted = set(adapters[0].factors)
+    if set(layers) != targeted:
+        only_config = sorted(set(layers) - targeted)
+        only_adapter = sorted(targeted - set(layers))
+        model.unload()
+        raise ValueError(
+            f"`target_modules`={config.target_modules!r} selects other modules than the adapters target: "
+            f"only in the config {only_config[:4]}, only in the adapters {only_adapter[:4]}"
+        )
+    _copy_experts(layers, adapters)
+    if freeze_experts:
+        for layer in layers.values():
+            layer.lora_A.requires_grad_(False)
+            layer.lora_B.requires_grad_(False)
+    return model
 
+
+def _read_adapters(paths: Sequence[str | os.PathLike], config: Any) -> list[LoraAdapter]:
+    """Read every adapter and check them against the config and against each other."""
     paths = list(paths)
     if len(paths) != config.num_experts:
         raise ValueError(
@@ -226,29 +250,17 @@ def from_lora_adapters(
                 f"adapters 0 and {i} target different modules (e.g. {diff[:4]}); every expert needs the same "
                 "target modules"
             )
-    _check_against_base(adapters, base, check_base_name)
+    return adapters
 
-    model = get_molora_model(base, config)
-    layers = model.molora_layers()
-    if set(layers) != first:
-        only_config = sorted(set(layers) - first)
-        only_adapter = sorted(first - set(layers))
-        model.unload()
-        raise ValueError(
-            f"`target_modules`={config.target_modules!r} selects other modules than the adapters target: "
-            f"only in the config {only_config[:4]}, only in the adapters {only_adapter[:4]}"
-        )
-    with torch.no_grad():
-        for name, layer in layers.items():
-            for i, adapter in enumerate(adapters):
-                lora_A, lora_B = adapter.factors[name]  # (r_i, in), (out, r_i)
-                rank = lora_A.shape[0]
-                ratio = adapter.scalings[name] / float(layer.scaling)
-                layer.lora_A[i, :rank].copy_(lora_A)
-                layer.lora_B[i].zero_()
-                layer.lora_B[i, :, :rank].copy_(lora_B.double() * ratio)
-    if freeze_experts:
-        for layer in layers.values():
-            layer.lora_A.requires_grad_(False)
-            layer.lora_B.requires_grad_(False)
-    return model
+
+@torch.no_grad()
+def _copy_experts(layers: Mapping[str, nn.Module], adapters: Sequence[LoraAdapter]) -> None:
+    """Expert i of every layer := adapter i, zero-padded to rank r, its scaling folded into B."""
+    for name, layer in layers.items():
+        for i, adapter in enumerate(adapters):
+            lora_A, lora_B = adapter.factors[name]  # (r_i, in), (out, r_i)
+            rank = lora_A.shape[0]
+            ratio = adapter.scalings[name] / float(layer.scaling)
+            layer.lora_A[i, :rank].copy_(lora_A)
+            layer.lora_B[i].zero_()
+            layer.lora_B[i, :, :rank].copy_(lora_B.double() * ratio)

@@ -1,6 +1,6 @@
 """Benchmarks behind ``molora bench`` and ``benchmarks/bench_*.py``: layer and training steps.
 
-Submodules are imported on use (``molora.bench.layer``, ``molora.bench.train``) so that
+Submodules are imported on use (``molora.apps.bench.layer``, ``molora.apps.bench.train``) so that
 importing this package stays cheap.
 """
 

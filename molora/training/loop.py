@@ -2,7 +2,7 @@
 FSDP (``accelerate launch``).
 
 ``train(config)`` builds the tokenizer, the per-task data (tokenized per task, then mixed
-with ``molora.data.mix_tasks``), the base model and its MoLoRA wrapper, and runs AdamW with
+with ``molora.training.data.mix_tasks``), the base model and its MoLoRA wrapper, and runs AdamW with
 separate learning rates for routers and for the experts' B (LoRA+), warm-up then a
 cosine/linear/constant schedule, gradient accumulation and mixed precision. It writes to
 ``train.output_dir``:
@@ -21,7 +21,7 @@ cosine/linear/constant schedule, gradient accumulation and mixed precision. It w
   ``resume=True`` continues from the newest one (the same losses as an uninterrupted run:
   the data order is a function of the seed and the number of batches consumed).
 - ``final/``: the final adapter; ``export/``: per-task merged PEFT adapters (when
-  ``molora.export`` is importable); ``summary.json``.
+  ``molora.merge.export`` is importable); ``summary.json``.
 
 Checkpoint state files are read with ``torch.load(weights_only=True)``: no arbitrary pickle.
 """
@@ -45,10 +45,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
-from molora.data import IGNORE_INDEX, MultitaskCollator, load_task_datasets, mix_tasks, tokenize_causal_lm, tokenize_classification
-from molora.io import atomic_directory
+from molora.atomic import atomic_directory, atomic_write_text
 from molora.model import MoLoRAModel, get_molora_model
-from molora.run_config import RunConfig
+from molora.training.data import (
+    IGNORE_INDEX,
+    MultitaskCollator,
+    load_task_datasets,
+    mix_tasks,
+    tokenize_causal_lm,
+    tokenize_classification,
+)
+from molora.training.run_config import RunConfig
 
 __all__ = ["build_byte_tokenizer", "lr_factor", "param_groups", "train"]
 
@@ -444,12 +451,6 @@ class _MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
@@ -459,7 +460,7 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
     """Train a MoLoRA model as ``config`` says (see the module docstring for the outputs).
 
     Args:
-        config: a validated :class:`~molora.run_config.RunConfig`.
+        config: a validated :class:`~molora.training.run_config.RunConfig`.
         resume: ``True``: continue from the newest checkpoint in ``output_dir``; a path:
             from that checkpoint folder; ``None``/``False``: start fresh.
 
@@ -489,7 +490,7 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
         _check_fresh(accelerator, output_dir, overwrite=t.overwrite_output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(output_dir / "run_config.yaml", config.to_yaml())
+        atomic_write_text(output_dir / "run_config.yaml", config.to_yaml())
     set_seed(t.seed)
     tokenizer = _load_tokenizer(config)
     with accelerator.main_process_first():
@@ -638,7 +639,7 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
     save_adapter(accelerator, model, output_dir / "final")
     if main:
         summary["export"] = _export(inner, config, eval_sets, collator, output_dir / "export", accelerator.device, sharded=_sharded(accelerator))
-        _write_text_atomic(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         accelerator.print(f"done: {step} steps; adapter in {output_dir / 'final'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -653,9 +654,9 @@ def _export(model: MoLoRAModel, config: RunConfig, eval_sets, collator, path: Pa
         print(f"export skipped under FSDP: export the adapter in {path.parent / 'final'} with `molora export`")
         return None
     try:
-        from molora import export
+        from molora.merge import export
     except ImportError as e:
-        print(f"export skipped: molora.export is not importable ({e})")
+        print(f"export skipped: molora.merge.export is not importable ({e})")
         return None
     if config.molora.router == "task":
         model.export_merged_adapter(path, task="all")

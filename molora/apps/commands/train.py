@@ -47,7 +47,7 @@ def _split_flags(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from molora.run_config import RunConfigError, load_run_config
+    from molora.training.run_config import RunConfigError, load_run_config
 
     problem = _split_flags(args)
     if problem:
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(config.to_yaml(), end="")
         return 0
-    from molora.train import train
+    from molora.training.loop import train
 
     try:
         train(config, resume=args.resume_from or args.resume or None)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from molora.atomic import atomic_write_text
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -198,9 +200,7 @@ def update_markdown(path: str | os.PathLike, section: str, body: str) -> None:
     block = f"{begin}\n{body.rstrip()}\n{end}"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 def environment_markdown(info: dict[str, str], command: str) -> str:

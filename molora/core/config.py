@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from molora.experts import EXPERT_IMPLS
+from molora.atomic import atomic_write_text
+from molora.core.experts import EXPERT_IMPLS
+from routers import ROUTERS
 
-ROUTER_NAMES = ("soft", "task", "topk")
 ADAPTER_DTYPES = ("base", "bfloat16", "float16", "float32")
 
 
@@ -33,7 +35,7 @@ class MoLoRAConfig:
         use_rslora: s = lora_alpha / sqrt(r) (rank-stabilized LoRA).
         router_aux_loss_coef: weight of the load-balancing loss added to ``out.loss``.
         router_z_loss_coef: weight of the router z-loss added to ``out.loss``.
-        expert_impl: a name in ``molora.experts.EXPERT_IMPLS``: "auto" (chooses by routing
+        expert_impl: a name in ``molora.core.experts.EXPERT_IMPLS``: "auto" (chooses by routing
             kind, shapes and device), "eager" (reference loop), "dense", "grouped", "hybrid",
             "grouped_bmm".
         router_jitter_noise: multiplicative input jitter of the top-k router in training.
@@ -91,7 +93,7 @@ class MoLoRAConfig:
         need(_is_int(self.r) and self.r >= 1, f"`r` must be an int >= 1, got {self.r!r}")
         need(_is_num(self.lora_alpha) and self.lora_alpha > 0, f"`lora_alpha` must be > 0, got {self.lora_alpha!r}")
         need(_is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}")
-        need(self.router in ROUTER_NAMES, f"`router` must be one of {list(ROUTER_NAMES)}, got {self.router!r}")
+        need(self.router in ROUTERS, f"`router` must be one of {sorted(ROUTERS)}, got {self.router!r}")
         n = self.num_experts if _is_int(self.num_experts) else None
         if self.top_k is not None:
             need(
@@ -143,7 +145,7 @@ class MoLoRAConfig:
     @property
     def scaling(self) -> float:
         """s = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
-        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,14 +164,20 @@ class MoLoRAConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the config as JSON (atomically)."""
-        from molora.io import atomic_write_text
-
         atomic_write_text(path, self.to_json_string() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MoLoRAConfig:
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """LoRA's scaling s = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023).
+
+    The one place this formula lives: the config, the layer and adapters read from PEFT use it.
+    """
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
 
 
 def _is_int(value: Any) -> bool:

@@ -10,7 +10,7 @@ adapter folder found below it. The base model
 is loaded offline (``local_files_only``) from the ``base_model_name_or_path`` recorded in the
 adapter, or from ``--base``, with the class named in its config's ``architectures``.
 
-``--weights measured`` reads gates written by :func:`molora.export.save_gates` (``gates.json``
+``--weights measured`` reads gates written by :func:`molora.merge.export.save_gates` (``gates.json``
 or ``gates.safetensors``) from the adapter folder or the run folder, else the per-task mean
 gates of the last eval in the run's ``metrics.jsonl`` (pooled over tasks, weighted by tokens,
 unless ``--task`` is given); ``FILE`` reads a gates file from anywhere. Without ``--weights`` the task router's gates are used when ``--task`` is
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 GATES_FILES = ("gates.json", "gates.safetensors")
-METRICS = "metrics.jsonl"  # written by molora.train; eval records hold per-task routing stats
+METRICS = "metrics.jsonl"  # written by molora.training.loop; eval records hold per-task routing stats
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -142,7 +142,7 @@ def _search_folders(adapter_dir: Path, source: Path) -> list[Path]:
 
 def _measured(adapter_dir: Path, source: Path, task: int | str | None) -> Any:
     """Measured gates: a gates file, else the last eval routing of the run's metrics.jsonl."""
-    from molora.export import gates_from_json, load_gates
+    from molora.merge.export import gates_from_json, load_gates
 
     folders = _search_folders(adapter_dir, source)
     for folder in folders:
@@ -157,12 +157,12 @@ def _measured(adapter_dir: Path, source: Path, task: int | str | None) -> Any:
     raise FileNotFoundError(
         f"--weights measured: no {' or '.join(GATES_FILES)} and no eval routing in {METRICS} at "
         f"{str(adapter_dir)!r} or {str(source)!r}; write gates with "
-        "molora.export.save_gates(molora.measure_gates(model, batches), path) or pass a FILE"
+        "molora.merge.export.save_gates(molora.measure_gates(model, batches), path) or pass a FILE"
     )
 
 
 def _resolve_weights_arg(value: str | None, adapter_dir: Path, source: Path, task: int | str | None) -> Any:
-    from molora.export import load_gates
+    from molora.merge.export import load_gates
 
     if value is None or value == "uniform":
         return value
@@ -197,7 +197,7 @@ def _save_merged(model: Any, base_name: str, out: Path) -> None:
     """Save the merged transformers model (and its tokenizer, if it has one) atomically."""
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise FileExistsError(f"--out {str(out)!r} is a non-empty folder that is not a saved model")
-    from molora.io import atomic_directory
+    from molora.atomic import atomic_directory
 
     with atomic_directory(out) as tmp:
         model.save_pretrained(str(tmp))

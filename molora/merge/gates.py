@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from molora.io import atomic_write_text
+from molora.atomic import atomic_write_text
 
 Gates = dict[str, torch.Tensor]  # {layer_name: (N,) float32}
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from molora.bench.report import (
+from molora.apps.bench.report import (
     command_line,
     environment,
     environment_markdown,

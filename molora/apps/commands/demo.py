@@ -1,4 +1,4 @@
-"""``molora demo``: the offline multitask demo (see :mod:`molora.demo`)."""
+"""``molora demo``: the offline multitask demo (see :mod:`molora.apps.demo.run`)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from molora.demo import DemoConfig, run_demo
+    from molora.apps.demo.run import DemoConfig, run_demo
 
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"molora demo: --steps must be >= 1, got {args.steps}")

@@ -1,4 +1,4 @@
-"""`molora bench {layer,train} [flags]`: the benchmarks of ``molora.bench`` (see benchmarks/RESULTS.md)."""
+"""`molora bench {layer,train} [flags]`: the benchmarks of ``molora.apps.bench`` (see benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("bench", help="benchmark the expert compute paths", description=__doc__)
     sub = parser.add_subparsers(dest="benchmark", metavar="{" + ",".join(BENCHMARKS) + "}", required=True)
     for name, help_text in BENCHMARKS.items():
-        module = importlib.import_module(f"molora.bench.{name}")
+        module = importlib.import_module(f"molora.apps.bench.{name}")
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"molora.bench.{args.benchmark}")
+    module = importlib.import_module(f"molora.apps.bench.{args.benchmark}")
     return int(module.run(args) or 0)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from molora.bench.report import (
+from molora.apps.bench.report import (
     command_line,
     environment,
     environment_markdown,
@@ -32,8 +32,8 @@ from molora.bench.report import (
     time_interleaved,
     update_markdown,
 )
-from molora.experts import EXPERT_IMPLS
-from molora.layer import MoLoRALinear
+from molora.core.experts import EXPERT_IMPLS
+from molora.core.layer import MoLoRALinear
 from routers import SoftRouter, TaskRouter, TopKRouter
 
 ROUTER_KINDS = ("topk", "soft", "task", "task_topk")

@@ -55,7 +55,17 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from molora.gates import (
+from molora.atomic import atomic_directory
+from molora.io import base_model_name
+from molora.merge.factors import (
+    METHODS,
+    MergedFactors,
+    cat_factors,
+    dense_delta,
+    merge_factors,
+    svd_factors,
+)
+from molora.merge.gates import (
     Gates,
     _is_by_task,
     _molora_layers,
@@ -66,8 +76,6 @@ from molora.gates import (
     resolve_weights,
     save_gates,
 )
-from molora.io import atomic_directory, base_model_name
-from molora.merge_math import METHODS, MergedFactors, cat_factors, dense_delta, merge_factors, svd_factors
 
 __all__ = [
     "MergedFactors",

@@ -31,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from molora.config import MoLoRAConfig
+from molora.core.config import MoLoRAConfig
+from molora.training.data.columns import MIX_STRATEGIES
 
 __all__ = [
     "MISSING",
@@ -49,7 +50,6 @@ __all__ = [
 MISSING = "???"
 TASK_TYPES = ("causal_lm", "sequence_classification")
 MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
-MIX_STRATEGIES = ("equal", "size", "temperature")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 SECTIONS = ("model", "molora", "data", "train")
@@ -113,11 +113,11 @@ class TaskSpec:
 
 @dataclass
 class DataSection:
-    """Multitask data (see :mod:`molora.data`). Task ids follow the order of ``tasks``.
+    """Multitask data (see :mod:`molora.training.data`). Task ids follow the order of ``tasks``.
 
     Attributes:
         tasks: ``{name: TaskSpec}``; a bare string value is the train file.
-        mixing: ``size`` | ``equal`` | ``temperature`` (see ``molora.data.mix_tasks``).
+        mixing: ``size`` | ``equal`` | ``temperature`` (see ``molora.training.data.mix_tasks``).
         temperature: T of temperature mixing.
         num_samples: examples per pass of the mixed stream (default: sum of task sizes).
         max_length: tokens per example.
@@ -143,7 +143,7 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    """The optimization loop (see :mod:`molora.train`).
+    """The optimization loop (see :mod:`molora.training.loop`).
 
     Attributes:
         output_dir: the run folder (metrics, checkpoints, final adapter, exports).

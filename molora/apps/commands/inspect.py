@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     print(summarize(run_dir, records, eval_record))
     if args.no_plots:
         return 0
-    from molora import plots
+    from molora.apps import plots
 
     try:
         plots.require_matplotlib()

@@ -1,0 +1,1 @@
+"""``molora demo``: the offline multitask demo on a real pretrained encoder."""

@@ -1,0 +1,1 @@
+"""Low-level expert GEMMs: the grouped GEMM with its padded-bmm fallback, and Triton kernels."""

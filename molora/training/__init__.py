@@ -1,0 +1,1 @@
+"""Training: multitask data, YAML run configs, the accelerate loop, checkpoints, evaluation."""
