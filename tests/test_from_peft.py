@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from molora import MoLoRAConfig, MoLoRALinear, MoLoRAModel, get_molora_model
-from molora.merge.from_peft import from_lora_adapters, read_lora_adapter
+from molora.merge.from_peft import read_lora_adapter
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -92,7 +92,7 @@ def test_round_trip_export_single_experts_then_rebuild(tmp_path):
         model.export_merged_adapter(paths[-1], weights=torch.nn.functional.one_hot(torch.tensor(i), 3).float())
     ids = _ids()
     expected = [_logits(PeftModel.from_pretrained(copy.deepcopy(fresh), str(p)).eval(), ids) for p in paths]
-    rebuilt = from_lora_adapters(copy.deepcopy(fresh), paths, _one_hot_task_config(3, 2), freeze_experts=False)
+    rebuilt = MoLoRAModel.from_lora_adapters(copy.deepcopy(fresh), paths, _one_hot_task_config(3, 2), freeze_experts=False)
     _route_task_i_to_expert_i(rebuilt)
     rebuilt.eval()
     for i in range(3):
@@ -115,31 +115,31 @@ def test_errors_for_mismatched_adapters(tmp_path):
     b = _peft_adapter(base, tmp_path / "b", 1, r=4)
     cfg = _one_hot_task_config(2, 4)
     with pytest.raises(ValueError, match="`num_experts` must equal the number of adapters"):
-        from_lora_adapters(copy.deepcopy(base), [a], cfg)
+        MoLoRAModel.from_lora_adapters(copy.deepcopy(base), [a], cfg)
     with pytest.raises(ValueError, match="`r` must be >= the largest adapter rank 4"):
-        from_lora_adapters(copy.deepcopy(base), [a, b], _one_hot_task_config(2, 2))
+        MoLoRAModel.from_lora_adapters(copy.deepcopy(base), [a, b], _one_hot_task_config(2, 2))
     # other target modules
     torch.manual_seed(3)
     other = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["k_proj"], r=2, init_lora_weights=False))
     other.save_pretrained(str(tmp_path / "k"))
     with pytest.raises(ValueError, match="target different modules"):
-        from_lora_adapters(copy.deepcopy(base), [a, tmp_path / "k"], cfg)
+        MoLoRAModel.from_lora_adapters(copy.deepcopy(base), [a, tmp_path / "k"], cfg)
     victim = copy.deepcopy(base)
     cfg_k = MoLoRAConfig(target_modules=["k_proj"], num_experts=2, r=4, router="soft")
     with pytest.raises(ValueError, match="selects other modules than the adapters target"):
-        from_lora_adapters(victim, [a, b], cfg_k)
+        MoLoRAModel.from_lora_adapters(victim, [a, b], cfg_k)
     assert not any(isinstance(m, MoLoRALinear) for m in victim.modules())  # base restored
     # adapter of another base model: shapes, and the recorded name
     wide = _peft_adapter(_llama(hidden=64), tmp_path / "wide", 4, r=2)
     with pytest.raises(ValueError, match="another base model"):
-        from_lora_adapters(copy.deepcopy(base), [a, wide], cfg)
+        MoLoRAModel.from_lora_adapters(copy.deepcopy(base), [a, wide], cfg)
     named = base.__class__(base.config)
     named.config._name_or_path = "org/base-7b"
     config_file = tmp_path / "b" / "adapter_config.json"
     data = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**data, "base_model_name_or_path": "org/other-7b"}))
     with pytest.raises(ValueError, match="trained on base model 'org/other-7b'"):
-        from_lora_adapters(named, [a, tmp_path / "b"], cfg)
+        MoLoRAModel.from_lora_adapters(named, [a, tmp_path / "b"], cfg)
     # unsupported adapter kinds
     torch.manual_seed(5)
     dora = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=TARGETS, use_dora=True))
@@ -164,7 +164,7 @@ def test_gpt2_conv1d_adapters(tmp_path):
     ids = _ids()
     expected = [_logits(PeftModel.from_pretrained(copy.deepcopy(base), str(p)).eval(), ids) for p in paths]
     cfg = MoLoRAConfig(target_modules=["c_attn"], num_experts=2, r=3, router="task", num_tasks=2, top_k=1)
-    model = from_lora_adapters(copy.deepcopy(base), paths, cfg)
+    model = MoLoRAModel.from_lora_adapters(copy.deepcopy(base), paths, cfg)
     _route_task_i_to_expert_i(model)
     model.eval()
     for i in range(2):
