@@ -28,20 +28,8 @@ class RouterOutput:
     indices: torch.Tensor | None = None
 
     @property
-    def probs(self) -> torch.Tensor:
-        """(T, N) float32 softmax of the logits over all N experts."""
-        return torch.softmax(self.logits, dim=-1)
-
-    @property
     def num_tokens(self) -> int:
         return self.logits.shape[0]
-
-    def detach(self) -> RouterOutput:
-        return RouterOutput(
-            self.logits.detach(),
-            self.weights.detach(),
-            None if self.indices is None else self.indices.detach(),
-        )
 
 
 def check_finite(logits: torch.Tensor, name: str) -> None:

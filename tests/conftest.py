@@ -24,55 +24,6 @@ TINY_CONFIG = CONFIGS_DIR / "tiny.yaml"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_llama_config(**overrides):
-    """The project's standard tiny Llama config (2 layers, hidden 32, vocab 128)."""
-    from transformers import LlamaConfig
-
-    kwargs = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=128,
-        max_position_embeddings=128,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
-
-
-def build_tiny_llama(seed: int = 0, **overrides):
-    """A randomly initialized (seeded) tiny LlamaForCausalLM."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_llama_config(**overrides))
-
-
-def build_tiny_gpt2(seed: int = 0, **overrides):
-    """A randomly initialized (seeded) tiny GPT2LMHeadModel (Conv1D layers)."""
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    kwargs = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=128)
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(GPT2Config(**kwargs))
-
-
-@pytest.fixture
-def tiny_llama():
-    """Factory fixture: ``tiny_llama(seed=0, **config_overrides)`` -> LlamaForCausalLM."""
-    return build_tiny_llama
-
-
-@pytest.fixture
-def tiny_gpt2():
-    """Factory fixture: ``tiny_gpt2(seed=0, **config_overrides)`` -> GPT2LMHeadModel."""
-    return build_tiny_gpt2
-
-
 @pytest.fixture
 def tiny_config_path() -> Path:
     """configs/tiny.yaml: two synthetic tasks (configs/data/), tiny Llama from config."""

@@ -109,25 +109,19 @@ def test_gates_file_round_trip(tmp_path):
 # --------------------------------------------------------------------------- model-level
 
 from safetensors.torch import load_file  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tiny_models import tiny_gpt2, tiny_llama  # noqa: E402
 
 from molora import MoLoRAConfig, MoLoRALinear, get_molora_model, measure_gates  # noqa: E402
 
 VOCAB = 128
 
 
-def _llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    intermediate_size=64, vocab_size=VOCAB)
-    )
+def _llama():
+    return tiny_llama().train()
 
 
-def _gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0))
+def _gpt2():
+    return tiny_gpt2(bos_token_id=0, eos_token_id=0).train()
 
 
 BASES = {
@@ -217,11 +211,7 @@ def test_cat_export_matches_dense_reference(kind, tmp_path):
 def test_modules_to_save_are_exported(tmp_path):
     from transformers import LlamaForSequenceClassification
 
-    torch.manual_seed(0)
-    base = LlamaForSequenceClassification(
-        LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    intermediate_size=64, vocab_size=VOCAB, num_labels=3, pad_token_id=0)
-    )
+    base = tiny_llama(cls=LlamaForSequenceClassification, num_labels=3, pad_token_id=0).train()
     fresh = copy.deepcopy(base)
     cfg = MoLoRAConfig(
         target_modules=["q_proj", "v_proj"], num_experts=2, r=2, router="soft", modules_to_save=["score"]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_gpt2, tiny_llama
 
 from molora import MoLoRAConfig, MoLoRALinear, MoLoRAModel, get_molora_model
 from molora.merge.from_peft import read_lora_adapter
@@ -19,12 +19,8 @@ VOCAB = 128
 TARGETS = ["q_proj", "v_proj"]
 
 
-def _llama(hidden=32) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    intermediate_size=64, vocab_size=VOCAB)
-    )
+def _llama(hidden=32):
+    return tiny_llama(hidden_size=hidden).train()
 
 
 def _ids(seed=1):
@@ -151,10 +147,7 @@ def test_errors_for_mismatched_adapters(tmp_path):
 
 
 def test_gpt2_conv1d_adapters(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64))
+    base = tiny_gpt2().train()
     paths = []
     for i, r in enumerate((2, 3)):
         torch.manual_seed(10 + i)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_CONFIG, build_tiny_llama, tiny_run_overrides
+from conftest import REPO_ROOT, TINY_CONFIG, tiny_run_overrides
+from tiny_models import tiny_llama
 
 from molora.cli import main
 from molora.training.loop import build_byte_tokenizer, lr_factor, param_groups
@@ -85,7 +86,7 @@ def test_eval_reports_per_task_loss_accuracy_and_routing(tiny_run):
 def test_final_adapter_loads_back(tiny_run):
     from molora import MoLoRAModel
 
-    base = build_tiny_llama(vocab_size=260, max_position_embeddings=64)
+    base = tiny_llama(vocab_size=260, max_position_embeddings=64)
     model = MoLoRAModel.from_pretrained(base, tiny_run / "final")
     assert model.molora_config.task_names == ["reverse", "sort"]
     assert any(float(layer.lora_B.detach().abs().sum()) > 0 for layer in model.molora_layers().values())
@@ -180,7 +181,7 @@ def test_sequence_classification_run(tmp_path):
 def test_run_from_a_saved_model_folder(tmp_path):
     """model.name_or_path: a transformers folder with its tokenizer (here: saved tiny ones)."""
     folder = tmp_path / "tiny-llama"
-    build_tiny_llama(vocab_size=260, max_position_embeddings=64, initializer_range=0.2).save_pretrained(folder)
+    tiny_llama(vocab_size=260, max_position_embeddings=64, initializer_range=0.2).save_pretrained(folder)
     build_byte_tokenizer().save_pretrained(folder)
     extra = {
         "model.from_config": "null",
@@ -244,7 +245,7 @@ def test_lr_factor_warmup_then_cosine():
 def test_param_groups_split_routers_and_b():
     from molora import MoLoRAConfig, get_molora_model
 
-    model = get_molora_model(build_tiny_llama(), MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, r=2))
+    model = get_molora_model(tiny_llama(), MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, r=2))
     groups = {g["name"]: g for g in param_groups(model, lr=1e-3, router_lr=5e-3, loraplus_lr_ratio=8, weight_decay=0.1)}
     assert set(groups) == {"base", "lora_B", "router"}
     assert groups["lora_B"]["lr"] == pytest.approx(8e-3) and groups["router"]["lr"] == pytest.approx(5e-3)
@@ -299,7 +300,7 @@ def test_eval_token_loss_and_accuracy_match_a_direct_computation():
     from molora.training.loop import _example_stats
 
     torch.manual_seed(0)
-    model = build_tiny_llama()
+    model = tiny_llama()
     ids = torch.randint(3, 128, (3, 9))
     labels = ids.clone()
     labels[:, :4] = -100  # prompt

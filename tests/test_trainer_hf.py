@@ -6,8 +6,9 @@ import inspect
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, build_tiny_llama
+from conftest import LLAMA_TARGETS
 from datasets import Dataset
+from tiny_models import tiny_llama
 
 from molora import MoLoRAConfig, get_molora_model
 from molora.training.data import MultitaskCollator
@@ -28,7 +29,7 @@ def _task_dataset(n: int = 64, length: int = 12) -> Dataset:
 
 
 def test_forward_signature_keeps_task_ids_and_base_args():
-    model = get_molora_model(build_tiny_llama(), MoLoRAConfig(target_modules=["q_proj"], num_experts=2, r=2, router="task", num_tasks=2))
+    model = get_molora_model(tiny_llama(), MoLoRAConfig(target_modules=["q_proj"], num_experts=2, r=2, router="task", num_tasks=2))
     params = inspect.signature(model.forward).parameters
     assert {"input_ids", "attention_mask", "labels", "task_ids"} <= set(params)
 
@@ -39,7 +40,7 @@ def test_hf_trainer_trains_molora_with_task_ids(tmp_path):
     torch.manual_seed(0)
     config = MoLoRAConfig(target_modules=LLAMA_TARGETS, num_experts=4, r=4, lora_alpha=8, router="task", num_tasks=2, top_k=2, router_aux_loss_coef=0.01, expert_impl="dense")
     # A larger init than HF's 0.02 gives the frozen random lm_head logits that adapters can steer.
-    model = get_molora_model(build_tiny_llama(initializer_range=0.2), config)
+    model = get_molora_model(tiny_llama(initializer_range=0.2), config)
     seen_task_ids = []
     original = model.forward
 
@@ -81,7 +82,7 @@ def test_hf_trainer_trains_molora_with_task_ids(tmp_path):
 @pytest.mark.parametrize("router", ["soft", "topk"])
 def test_trainer_loss_includes_aux_loss(router):
     config = MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, r=2, router=router, router_aux_loss_coef=0.5)
-    model = get_molora_model(build_tiny_llama(), config)
+    model = get_molora_model(tiny_llama(), config)
     batch = MultitaskCollator(pad_token_id=0)([_task_dataset(2)[i] for i in range(2)])
     out = model(**batch)
     with model.disable_adapters():

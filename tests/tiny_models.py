@@ -8,14 +8,31 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """The project's standard tiny Llama config (2 layers, hidden 32, vocab 128)."""
+    kwargs = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+    )
+    return LlamaConfig(**{**kwargs, **overrides})
+
+
+def tiny_llama(seed: int = 0, *, cls=AutoModelForCausalLM, **overrides) -> torch.nn.Module:
+    """A seeded tiny Llama in eval mode; ``cls`` picks the head (``AutoModelForCausalLM`` or a
+    Llama*For* class), ``overrides`` change the config."""
     torch.manual_seed(seed)
-    kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
-    config = LlamaConfig(vocab_size=VOCAB, **{**kwargs, **overrides})
-    return AutoModelForCausalLM.from_config(config).eval()
+    config = tiny_llama_config(**overrides)
+    model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    return model.eval()
 
 
 def tiny_gpt2(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A seeded tiny GPT-2 (Conv1D layers) in eval mode."""
     torch.manual_seed(seed)
     kwargs = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)
     config = GPT2Config(vocab_size=VOCAB, **{**kwargs, **overrides})

@@ -86,40 +86,8 @@ def read_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
             such as modules_to_save or embedding LoRA), or A/B ranks that do not agree.
     """
     path = Path(path)
-    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path} is not a PEFT adapter folder: no adapter_config.json")
-    if not weights_file.is_file():
-        hint = " (only adapter_model.bin: pickle is not loaded; re-save with safe_serialization)" if (
-            path / "adapter_model.bin").exists() else ""
-        raise FileNotFoundError(f"{path}: no adapter_model.safetensors{hint}")
-    config = json.loads(config_file.read_text())
-    problems = []
-    if config.get("peft_type") != "LORA":
-        problems.append(f"`peft_type` must be 'LORA', got {config.get('peft_type')!r}")
-    if config.get("use_dora"):
-        problems.append("`use_dora` must be false (DoRA magnitudes have no MoLoRA equivalent)")
-    if config.get("lora_bias"):
-        problems.append("`lora_bias` must be false")
-    if config.get("modules_to_save"):
-        problems.append(f"`modules_to_save` must be empty, got {config['modules_to_save']!r}")
-    if problems:
-        raise ValueError(f"adapter {path} cannot become a MoLoRA expert:\n  - " + "\n  - ".join(problems))
-
-    tensors = load_file(str(weights_file))
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    unsupported = []
-    for key, value in tensors.items():
-        match = _KEY.match(key)
-        if match is None:
-            unsupported.append(key)
-            continue
-        parts.setdefault(match["module"], {})[match["ab"]] = value
-    if unsupported:
-        raise ValueError(
-            f"adapter {path} holds weights that are not lora_A/lora_B of linear layers "
-            f"(e.g. embedding LoRA, modules_to_save): {sorted(unsupported)[:5]}"
-        )
+    config = _read_lora_config(path)
+    parts = _split_ab(path, load_file(str(path / "adapter_model.safetensors")))
     factors, scalings = {}, {}
     use_rslora = bool(config.get("use_rslora", False))
     for module, ab in sorted(parts.items()):
@@ -141,6 +109,48 @@ def read_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
     if not factors:
         raise ValueError(f"adapter {path} has no LoRA weights")
     return LoraAdapter(path=path, config=config, factors=factors, scalings=scalings)
+
+
+def _read_lora_config(path: Path) -> dict[str, Any]:
+    """``adapter_config.json`` of a plain LoRA adapter whose weights are in safetensors."""
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a PEFT adapter folder: no adapter_config.json")
+    if not weights_file.is_file():
+        hint = " (only adapter_model.bin: pickle is not loaded; re-save with safe_serialization)" if (
+            path / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"{path}: no adapter_model.safetensors{hint}")
+    config = json.loads(config_file.read_text())
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(f"`peft_type` must be 'LORA', got {config.get('peft_type')!r}")
+    if config.get("use_dora"):
+        problems.append("`use_dora` must be false (DoRA magnitudes have no MoLoRA equivalent)")
+    if config.get("lora_bias"):
+        problems.append("`lora_bias` must be false")
+    if config.get("modules_to_save"):
+        problems.append(f"`modules_to_save` must be empty, got {config['modules_to_save']!r}")
+    if problems:
+        raise ValueError(f"adapter {path} cannot become a MoLoRA expert:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def _split_ab(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {"A": lora_A, "B": lora_B}} from PEFT's state-dict keys; other keys are an error."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unsupported = []
+    for key, value in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            unsupported.append(key)
+            continue
+        parts.setdefault(match["module"], {})[match["ab"]] = value
+    if unsupported:
+        raise ValueError(
+            f"adapter {path} holds weights that are not lora_A/lora_B of linear layers "
+            f"(e.g. embedding LoRA, modules_to_save): {sorted(unsupported)[:5]}"
+        )
+    return parts
 
 
 def _check_against_base(adapters: Sequence[LoraAdapter], base: nn.Module, check_base_name: bool) -> None:

@@ -74,38 +74,51 @@ def resolve_weights(
     """
     layers = _molora_layers(model)
     if _is_by_task(weights):
-        if task is None:
-            raise ValueError(
-                "`weights` holds per-task gates ({task: {layer: (N,)}}); pass `task` to pick one, "
-                f"available: {sorted(map(str, weights))}"
-            )
-        if task in weights:
-            key = task
-        else:
-            tid = _task_index(model, task)
-            key = tid if tid in weights else str(tid)
-        if key not in weights:
-            raise ValueError(f"`task` {task!r} has no measured gates; available: {sorted(map(str, weights))}")
-        return resolve_weights(model, weights[key], None)
+        return resolve_weights(model, _pick_task_gates(model, weights, task), None)
     if task is not None:
         if weights is not None:
             raise ValueError(
                 "pass either `task` (the task router's gates) or `weights`, not both, unless "
                 "`weights` is per-task measured gates"
             )
-        tid = _task_index(model, task)
-        out = {}
-        for name, layer in layers.items():
-            if not hasattr(layer.router, "task_weights"):
-                raise ValueError(
-                    f"`task={task!r}` needs the task router (config.router='task'); layer {name} "
-                    f"has {type(layer.router).__name__}. Measure gates per task with "
-                    "measure_gates(model, batches, by_task=True) and pass them as `weights`."
-                )
-            out[name] = layer.router.task_weights(tid).detach().float().cpu()
-        return out
+        return _task_router_gates(layers, task, _task_index(model, task))
     if weights is None or (isinstance(weights, str) and weights == "uniform"):
         return {n: torch.full((l.num_experts,), 1.0 / l.num_experts) for n, l in layers.items()}
+    return _given_gates(layers, weights)
+
+
+def _pick_task_gates(model: nn.Module, weights: Mapping, task: int | str | None) -> Any:
+    """The entry of per-task measured gates ``{task: {layer: (N,)}}`` for ``task`` (id or name)."""
+    if task is None:
+        raise ValueError(
+            "`weights` holds per-task gates ({task: {layer: (N,)}}); pass `task` to pick one, "
+            f"available: {sorted(map(str, weights))}"
+        )
+    if task in weights:
+        return weights[task]
+    tid = _task_index(model, task)
+    key = tid if tid in weights else str(tid)
+    if key not in weights:
+        raise ValueError(f"`task` {task!r} has no measured gates; available: {sorted(map(str, weights))}")
+    return weights[key]
+
+
+def _task_router_gates(layers: Mapping[str, nn.Module], task: int | str, tid: int) -> Gates:
+    """Each layer's task-router gates for task id ``tid`` (exact: they do not depend on the token)."""
+    out = {}
+    for name, layer in layers.items():
+        if not hasattr(layer.router, "task_weights"):
+            raise ValueError(
+                f"`task={task!r}` needs the task router (config.router='task'); layer {name} "
+                f"has {type(layer.router).__name__}. Measure gates per task with "
+                "measure_gates(model, batches, by_task=True) and pass them as `weights`."
+            )
+        out[name] = layer.router.task_weights(tid).detach().float().cpu()
+    return out
+
+
+def _given_gates(layers: Mapping[str, nn.Module], weights: Any) -> Gates:
+    """User-given gates: one (N,) tensor for every layer, or ``{layer_name: (N,)}`` for all of them."""
     if isinstance(weights, str):
         raise ValueError(f"`weights` string must be 'uniform', got {weights!r}")
     if isinstance(weights, torch.Tensor):
@@ -161,37 +174,21 @@ def measure_gates(
         ValueError: ``by_task`` without ``task_ids`` in a batch, or no tokens at all.
     """
     layers = _molora_layers(model)
-    sums: dict[Any, dict[str, torch.Tensor]] = {}
-    counts: dict[Any, dict[str, float]] = {}
+    sums: dict[Any, dict[str, torch.Tensor]] = {}  # {task or None: {layer: (N,) sum of gates}}
+    counts: dict[Any, dict[str, float]] = {}  # {task or None: {layer: number of real tokens}}
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
             model(**batch)
-            mask = batch.get("attention_mask")
-            task_ids = batch.get("task_ids")
-            if by_task and task_ids is None:
+            if by_task and batch.get("task_ids") is None:
                 raise ValueError("`by_task=True` needs `task_ids` (batch,) in every batch")
             for name, layer in layers.items():
-                routing = layer.last_routing
-                if routing is None:
+                if layer.last_routing is None:
                     raise RuntimeError(f"layer {name} recorded no routing in the forward pass")
-                gates = routing.weights.detach().double().cpu()  # (T, N)
-                n_tok = gates.shape[0]
-                tok_mask = torch.ones(n_tok, dtype=torch.float64)  # (T,)
-                if mask is not None and mask.numel() == n_tok:
-                    tok_mask = mask.reshape(-1).double().cpu()
-                if by_task:
-                    ids = task_ids.reshape(-1).cpu()  # (batch,)
-                    if n_tok % ids.numel():
-                        raise ValueError(f"layer {name}: {n_tok} tokens do not split over {ids.numel()} sequences")
-                    tok_task = ids.repeat_interleave(n_tok // ids.numel())  # (T,)
-                    groups = [(int(t), tok_mask * (tok_task == t)) for t in tok_task.unique().tolist()]
-                else:
-                    groups = [(None, tok_mask)]
-                for key, m in groups:
-                    acc = sums.setdefault(key, {})
-                    cnt = counts.setdefault(key, {})
+                gates = layer.last_routing.weights.detach().double().cpu()  # (T, N)
+                for key, m in _token_groups(name, gates.shape[0], batch, by_task):
+                    acc, cnt = sums.setdefault(key, {}), counts.setdefault(key, {})
                     acc[name] = acc.get(name, 0) + m @ gates  # (N,)
                     cnt[name] = cnt.get(name, 0.0) + float(m.sum())
     finally:
@@ -204,6 +201,21 @@ def measure_gates(
             raise ValueError(f"no non-padding tokens for task {key}" if by_task else "no non-padding tokens")
         result[key] = {n: (acc[n] / counts[key][n]).float() for n in layers}
     return result if by_task else result[None]
+
+
+def _token_groups(name: str, num_tokens: int, batch: Mapping[str, torch.Tensor], by_task: bool) -> list:
+    """[(task id or None, (T,) float64 weight of each token)]: the real tokens, split by task."""
+    mask = batch.get("attention_mask")
+    tok_mask = torch.ones(num_tokens, dtype=torch.float64)  # (T,)
+    if mask is not None and mask.numel() == num_tokens:
+        tok_mask = mask.reshape(-1).double().cpu()
+    if not by_task:
+        return [(None, tok_mask)]
+    ids = batch["task_ids"].reshape(-1).cpu()  # (batch,)
+    if num_tokens % ids.numel():
+        raise ValueError(f"layer {name}: {num_tokens} tokens do not split over {ids.numel()} sequences")
+    tok_task = ids.repeat_interleave(num_tokens // ids.numel())  # (T,)
+    return [(int(t), tok_mask * (tok_task == t)) for t in tok_task.unique().tolist()]
 
 
 def save_gates(gates: Gates | Mapping[Any, Gates], path: str | os.PathLike) -> None:
