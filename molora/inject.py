@@ -71,9 +71,9 @@ def router_kwargs(config: MoLoRAConfig) -> dict:
     """Constructor keyword arguments of the configured router class."""
     kwargs = {"num_experts": config.num_experts, "init_std": config.router_init_std, "debug": config.debug}
     if config.router == "topk":
-        kwargs.update(top_k=config.top_k, jitter_noise=config.router_jitter_noise)
+        kwargs.update(top_k=config.top_k, jitter_noise=config.router_jitter_noise, normalize_top_k=config.normalize_top_k)
     elif config.router == "task":
-        kwargs.update(num_tasks=config.num_tasks, top_k=config.top_k)
+        kwargs.update(num_tasks=config.num_tasks, top_k=config.top_k, normalize_top_k=config.normalize_top_k)
     return kwargs
 
 

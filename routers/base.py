@@ -42,15 +42,50 @@ def check_finite(logits: torch.Tensor, name: str) -> None:
         )
 
 
-def route_topk(logits: torch.Tensor, top_k: int | None) -> RouterOutput:
-    """Softmax routing, optionally restricted to the top-k experts and renormalized.
+class _Float32Linear(torch.autograd.Function):
+    """logits = x W^T computed in float32, saving x in its own dtype for the backward.
 
-    weights[t, S_t] = p[t, S_t] / sum(p[t, S_t]), 0 elsewhere (DESIGN §4), where p is the
-    softmax over all N. With ``top_k`` None or equal to N this is plain softmax routing.
+    ``F.linear(x.float(), W)`` would save the float32 copy of x: under a bf16 model that is a
+    hidden (T, in) float32 activation per layer, twice the bytes of x itself (DESIGN §7).
+    Autocast is off inside, so bf16/fp16 autocast cannot round the logits (DESIGN §5).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            return x.float() @ weight.float().t()  # (T, N)
+
+    @staticmethod
+    def backward(ctx, grad_logits: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        with torch.autocast(x.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_logits @ weight.float()).to(x.dtype)  # (T, in)
+            if ctx.needs_input_grad[1]:
+                grad_w = (grad_logits.t() @ x.float()).to(weight.dtype)  # (N, in), one (T, in) cast at a time
+        return grad_x, grad_w
+
+
+def float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(T, in) x, (N, in) gate -> (T, N) float32 logits, even under autocast; x is saved as is."""
+    return _Float32Linear.apply(x, weight)
+
+
+def route_topk(logits: torch.Tensor, top_k: int | None, normalize: bool | None = None) -> RouterOutput:
+    """Softmax routing, optionally restricted to the top-k experts.
+
+    weights[t, S_t] = p[t, S_t] / sum(p[t, S_t]) when normalized, p[t, S_t] (the raw
+    probabilities) when not, 0 elsewhere (DESIGN §4); p is the softmax over all N. By default
+    the gates are normalized for k >= 2 and raw for k == 1: a renormalized single gate is
+    always 1, so the router would get no gradient (Switch Transformer uses the raw p for k=1).
+    With ``top_k`` None or >= N this is plain softmax routing.
 
     Args:
         logits: (T, N) float32 logits.
         top_k: number of experts per token, or ``None`` for all.
+        normalize: renormalize the chosen gates to sum to 1; ``None`` picks ``top_k >= 2``.
 
     Returns:
         RouterOutput with dense (T, N) weights and (T, k) indices (``None`` when dense).
@@ -60,9 +95,17 @@ def route_topk(logits: torch.Tensor, top_k: int | None) -> RouterOutput:
     if top_k is None or top_k >= num_experts:
         return RouterOutput(logits=logits, weights=probs, indices=None)
     top_p, indices = probs.topk(top_k, dim=-1)  # (T, k), (T, k)
-    top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+    if normalize is None:
+        normalize = top_k >= 2
+    if normalize:
+        top_p = top_p / top_p.sum(dim=-1, keepdim=True)
     weights = torch.zeros_like(probs).scatter(-1, indices, top_p)  # (T, N)
     return RouterOutput(logits=logits, weights=weights, indices=indices)
+
+
+def check_normalize(normalize: bool | None) -> None:
+    if normalize is not None and not isinstance(normalize, bool):
+        raise ValueError(f"`normalize_top_k` must be None, True or False, got {normalize!r}")
 
 
 def check_top_k(top_k: int | None, num_experts: int, *, allow_none: bool) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from routers.base import RouterOutput, check_finite, route_topk
+from routers.base import RouterOutput, check_finite, float32_logits, route_topk
 
 
 class SoftRouter(nn.Module):
@@ -37,7 +36,7 @@ class SoftRouter(nn.Module):
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(T, in) -> (T, N) float32 logits."""
-        logits = F.linear(x.float(), self.weight.float())  # (T, N)
+        logits = float32_logits(x, self.weight)  # (T, N) float32, even under autocast
         if self.debug:
             check_finite(logits, type(self).__name__)
         return logits

@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from routers.base import RouterOutput, check_finite, check_top_k, route_topk
+from routers.base import RouterOutput, check_finite, check_normalize, check_top_k, route_topk
 
 
 class TaskRouter(nn.Module):
-    """logits[t] = E[task_ids[t]]; weights = softmax, or top-k renormalized (DESIGN §4).
+    """logits[t] = E[task_ids[t]]; weights = softmax, or its top-k (DESIGN §4).
+
+    Top-k gates are renormalized for k >= 2 and raw probabilities for k == 1, unless
+    ``normalize_top_k`` says otherwise (as :func:`routers.route_topk`).
 
     Since the gates do not depend on the token, a task's gates are one (N,) vector
     (:meth:`task_weights`), which makes a per-task static merge exact.
@@ -22,6 +25,7 @@ class TaskRouter(nn.Module):
         init_std: std of the normal init of the table. Random (not zero) so that tasks
             start on different experts under top-k.
         debug: raise on NaN/inf logits.
+        normalize_top_k: renormalize the chosen gates; ``None``: for k >= 2 only.
     """
 
     def __init__(
@@ -33,9 +37,12 @@ class TaskRouter(nn.Module):
         top_k: int | None = None,
         init_std: float = 0.02,
         debug: bool = False,
+        normalize_top_k: bool | None = None,
     ):
         super().__init__()
         check_top_k(top_k, num_experts, allow_none=True)
+        check_normalize(normalize_top_k)
+        self.normalize_top_k = normalize_top_k
         if not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"`num_tasks` must be an int >= 1 for the task router, got {num_tasks!r}")
         self.num_experts = num_experts
@@ -68,14 +75,14 @@ class TaskRouter(nn.Module):
         logits = self.table[task_ids.to(self.table.device).long()].float()  # (T, N)
         if self.debug:
             check_finite(logits, type(self).__name__)
-        return route_topk(logits, self.top_k)
+        return route_topk(logits, self.top_k, self.normalize_top_k)
 
     @torch.no_grad()
     def task_weights(self, task: int) -> torch.Tensor:
         """(N,) float32 gates of one task, exactly those ``forward`` gives its tokens."""
         if not 0 <= int(task) < self.num_tasks:
             raise ValueError(f"`task` must be in [0, num_tasks={self.num_tasks}), got {task}")
-        return route_topk(self.table[int(task)].float()[None], self.top_k).weights[0]
+        return route_topk(self.table[int(task)].float()[None], self.top_k, self.normalize_top_k).weights[0]
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, num_experts={self.num_experts}, top_k={self.top_k}"

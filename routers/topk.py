@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from routers.base import RouterOutput, check_top_k, route_topk
+from routers.base import RouterOutput, check_normalize, check_top_k, route_topk
 from routers.soft import SoftRouter
 
 
 class TopKRouter(SoftRouter):
-    """logits = W_g x (+ jitter in training); top-k of the softmax, renormalized (DESIGN §4).
+    """logits = W_g x (+ jitter in training); the top-k of the softmax (DESIGN §4).
 
-    ``top_k == num_experts`` gives exactly the SoftRouter's weights.
+    The chosen gates are renormalized for k >= 2 and the raw probabilities for k == 1
+    (Switch Transformer), unless ``normalize_top_k`` says otherwise. ``top_k == num_experts``
+    gives exactly the SoftRouter's weights.
 
     Args:
         in_features: size of the token representation x.
@@ -21,6 +23,7 @@ class TopKRouter(SoftRouter):
             (Switch Transformer §2.4, as in transformers' Mixtral); 0 disables it.
         init_std: std of the normal init of the gate.
         debug: raise on NaN/inf logits.
+        normalize_top_k: renormalize the chosen gates; ``None``: for k >= 2 only.
     """
 
     def __init__(
@@ -32,9 +35,12 @@ class TopKRouter(SoftRouter):
         jitter_noise: float = 0.0,
         init_std: float = 0.02,
         debug: bool = False,
+        normalize_top_k: bool | None = None,
     ):
         super().__init__(in_features, num_experts=num_experts, init_std=init_std, debug=debug)
         check_top_k(top_k, num_experts, allow_none=False)
+        check_normalize(normalize_top_k)
+        self.normalize_top_k = normalize_top_k
         if not 0.0 <= jitter_noise < 1.0:
             raise ValueError(f"`jitter_noise` must be in [0, 1), got {jitter_noise}")
         self.top_k = top_k
@@ -44,7 +50,7 @@ class TopKRouter(SoftRouter):
         if self.training and self.jitter_noise > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             x = x * noise
-        return route_topk(self.compute_logits(x), self.top_k)
+        return route_topk(self.compute_logits(x), self.top_k, self.normalize_top_k)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_k={self.top_k}, jitter_noise={self.jitter_noise}"

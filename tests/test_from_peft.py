@@ -41,7 +41,11 @@ def _peft_adapter(base, path, seed, **lora_kw):
 
 
 def _one_hot_task_config(n, r):
-    return MoLoRAConfig(target_modules=TARGETS, num_experts=n, r=r, lora_alpha=16, router="task", num_tasks=n, top_k=1)
+    # top-1 with renormalization: each task's gate is exactly 1 (the k=1 default is the raw probability)
+    return MoLoRAConfig(
+        target_modules=TARGETS, num_experts=n, r=r, lora_alpha=16, router="task", num_tasks=n, top_k=1,
+        normalize_top_k=True,
+    )
 
 
 def _route_task_i_to_expert_i(model):
@@ -156,7 +160,7 @@ def test_gpt2_conv1d_adapters(tmp_path):
         paths.append(tmp_path / f"g{i}")
     ids = _ids()
     expected = [_logits(PeftModel.from_pretrained(copy.deepcopy(base), str(p)).eval(), ids) for p in paths]
-    cfg = MoLoRAConfig(target_modules=["c_attn"], num_experts=2, r=3, router="task", num_tasks=2, top_k=1)
+    cfg = MoLoRAConfig(target_modules=["c_attn"], num_experts=2, r=3, router="task", num_tasks=2, top_k=1, normalize_top_k=True)
     model = MoLoRAModel.from_lora_adapters(copy.deepcopy(base), paths, cfg)
     _route_task_i_to_expert_i(model)
     model.eval()

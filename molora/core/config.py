@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -13,6 +14,8 @@ from molora.core.experts import EXPERT_IMPLS
 from routers import ROUTERS
 
 ADAPTER_DTYPES = ("base", "bfloat16", "float16", "float32")
+# Names a task may not take: "all" selects every task; the rest are files of an export folder.
+RESERVED_TASK_NAMES = frozenset({"all", "merge_report.json", "adapter_config.json", "adapter_model.safetensors"})
 
 
 @dataclass
@@ -31,6 +34,9 @@ class MoLoRAConfig:
             renormalized), or "task" (a learned per-task table of logits).
         top_k: experts per token. "topk": default 2; "task": default None (all experts);
             "soft": must stay None.
+        normalize_top_k: renormalize the chosen top-k gates to sum to 1. ``None`` (default):
+            yes for k >= 2, no for k == 1, where the gate is the raw probability (Switch
+            Transformer; a renormalized single gate is always 1 and gives the router no gradient).
         num_tasks: number of task ids; required by the "task" router.
         use_rslora: s = lora_alpha / sqrt(r) (rank-stabilized LoRA).
         router_aux_loss_coef: weight of the load-balancing loss added to ``out.loss``.
@@ -46,7 +52,8 @@ class MoLoRAConfig:
             weights are always float32.
         modules_to_save: extra modules (same matching rules as ``target_modules``) that stay
             trainable and are saved with the adapter, e.g. a classification head.
-        task_names: optional names of the task ids, in id order (used by exports and stats).
+        task_names: optional names of the task ids, in id order. ``task_ids`` may then be given
+            by name; exports write one folder per name. Unique after :func:`task_folder_name`.
         debug: raise on NaN/inf router logits (costs a device sync per layer).
     """
 
@@ -57,6 +64,7 @@ class MoLoRAConfig:
     lora_dropout: float = 0.0
     router: str = "topk"
     top_k: int | None = None
+    normalize_top_k: bool | None = None
     num_tasks: int | None = None
     use_rslora: bool = False
     router_aux_loss_coef: float = 0.01
@@ -75,70 +83,29 @@ class MoLoRAConfig:
         if self.router == "topk" and self.top_k is None:
             self.top_k = 2
         self.validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A field changed after construction is validated again; an invalid change is undone."""
+        if not getattr(self, "_validated", False):
+            object.__setattr__(self, name, value)
+            return
+        old = getattr(self, name)
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except ValueError as err:
+            object.__setattr__(self, name, old)
+            raise ValueError(
+                f"{err}\n(the change of `{name}` was undone; change several fields together with "
+                "dataclasses.replace(config, ...))"
+            ) from None
 
     def validate(self) -> None:
         """Check every field; raise one ValueError listing all problems found."""
         errors: list[str] = []
-
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                errors.append(message)
-
-        tm = self.target_modules
-        need(
-            (isinstance(tm, str) and tm != "") or (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)),
-            f"`target_modules` must be a non-empty list of module names or a regex string, got {tm!r}",
-        )
-        need(_is_int(self.num_experts) and self.num_experts >= 1, f"`num_experts` must be an int >= 1, got {self.num_experts!r}")
-        need(_is_int(self.r) and self.r >= 1, f"`r` must be an int >= 1, got {self.r!r}")
-        need(_is_num(self.lora_alpha) and self.lora_alpha > 0, f"`lora_alpha` must be > 0, got {self.lora_alpha!r}")
-        need(_is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}")
-        need(self.router in ROUTERS, f"`router` must be one of {sorted(ROUTERS)}, got {self.router!r}")
-        n = self.num_experts if _is_int(self.num_experts) else None
-        if self.top_k is not None:
-            need(
-                _is_int(self.top_k) and n is not None and 1 <= self.top_k <= n,
-                f"`top_k` must be in [1, num_experts={n}], got {self.top_k!r}",
-            )
-        need(
-            not (self.router == "soft" and self.top_k is not None),
-            f"`top_k` must be None for router='soft' (it uses all experts), got {self.top_k!r}; use router='topk'",
-        )
-        if self.router == "task":
-            need(
-                _is_int(self.num_tasks) and self.num_tasks >= 1,
-                f"`num_tasks` must be an int >= 1 for router='task', got {self.num_tasks!r}",
-            )
-        elif self.num_tasks is not None:
-            need(_is_int(self.num_tasks) and self.num_tasks >= 1, f"`num_tasks` must be an int >= 1 or None, got {self.num_tasks!r}")
-        if self.task_names is not None:
-            need(
-                isinstance(self.task_names, list) and all(isinstance(t, str) for t in self.task_names),
-                f"`task_names` must be a list of strings, got {self.task_names!r}",
-            )
-            if self.num_tasks is not None and isinstance(self.task_names, list):
-                need(
-                    len(self.task_names) == self.num_tasks,
-                    f"`task_names` must have num_tasks={self.num_tasks} entries, got {len(self.task_names)}",
-                )
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            value = getattr(self, name)
-            need(_is_num(value) and value >= 0, f"`{name}` must be a number >= 0, got {value!r}")
-        need(
-            _is_num(self.router_jitter_noise) and 0 <= self.router_jitter_noise < 1,
-            f"`router_jitter_noise` must be in [0, 1), got {self.router_jitter_noise!r}",
-        )
-        need(_is_num(self.router_init_std) and self.router_init_std >= 0, f"`router_init_std` must be >= 0, got {self.router_init_std!r}")
-        need(
-            self.expert_impl in EXPERT_IMPLS,
-            f"`expert_impl` must be one of {sorted(EXPERT_IMPLS)}, got {self.expert_impl!r}",
-        )
-        need(self.adapter_dtype in ADAPTER_DTYPES, f"`adapter_dtype` must be one of {list(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}")
-        mts = self.modules_to_save
-        need(
-            mts is None or (isinstance(mts, list) and all(isinstance(m, str) and m for m in mts)),
-            f"`modules_to_save` must be None or a list of module names, got {mts!r}",
-        )
+        for check in (_check_targets, _check_sizes, _check_routing, _check_tasks, _check_options):
+            errors += check(self)
         if errors:
             raise ValueError("invalid MoLoRAConfig:\n  - " + "\n  - ".join(errors))
 
@@ -185,4 +152,110 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real, finite number (bools are not numbers here: ``lora_alpha=True`` is a mistake)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _not_finite(value: Any) -> str:
+    return " (numbers must be finite)" if isinstance(value, float) and not math.isfinite(value) else ""
+
+
+def _check_targets(c: MoLoRAConfig) -> list[str]:
+    errors = []
+    tm = c.target_modules
+    if isinstance(tm, str):
+        if not tm:
+            errors.append("`target_modules` must be a non-empty list of module names or a regex string, got ''")
+        else:
+            try:
+                re.compile(tm)
+            except re.error as err:
+                errors.append(f"`target_modules` is not a valid regular expression: {tm!r} ({err})")
+    elif not (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)):
+        errors.append(f"`target_modules` must be a non-empty list of module names or a regex string, got {tm!r}")
+    mts = c.modules_to_save
+    if not (mts is None or (isinstance(mts, list) and all(isinstance(m, str) and m for m in mts))):
+        errors.append(f"`modules_to_save` must be None or a list of module names, got {mts!r}")
+    return errors
+
+
+def _check_sizes(c: MoLoRAConfig) -> list[str]:
+    errors = []
+    if not (_is_int(c.num_experts) and c.num_experts >= 1):
+        errors.append(f"`num_experts` must be an int >= 1, got {c.num_experts!r}")
+    if not (_is_int(c.r) and c.r >= 1):
+        errors.append(f"`r` must be an int >= 1, got {c.r!r}")
+    if not (_is_num(c.lora_alpha) and c.lora_alpha > 0):
+        errors.append(f"`lora_alpha` must be > 0, got {c.lora_alpha!r}{_not_finite(c.lora_alpha)}")
+    if not (_is_num(c.lora_dropout) and 0 <= c.lora_dropout < 1):
+        errors.append(f"`lora_dropout` must be in [0, 1), got {c.lora_dropout!r}")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+        value = getattr(c, name)
+        if not (_is_num(value) and value >= 0):
+            errors.append(f"`{name}` must be a number >= 0, got {value!r}{_not_finite(value)}")
+    if not (_is_num(c.router_jitter_noise) and 0 <= c.router_jitter_noise < 1):
+        errors.append(f"`router_jitter_noise` must be in [0, 1), got {c.router_jitter_noise!r}")
+    if not (_is_num(c.router_init_std) and c.router_init_std >= 0):
+        errors.append(f"`router_init_std` must be >= 0, got {c.router_init_std!r}{_not_finite(c.router_init_std)}")
+    return errors
+
+
+def _check_routing(c: MoLoRAConfig) -> list[str]:
+    errors = []
+    if c.router not in ROUTERS:
+        errors.append(f"`router` must be one of {sorted(ROUTERS)}, got {c.router!r}")
+    n = c.num_experts if _is_int(c.num_experts) else None
+    if c.top_k is not None and not (_is_int(c.top_k) and n is not None and 1 <= c.top_k <= n):
+        errors.append(f"`top_k` must be in [1, num_experts={n}], got {c.top_k!r}")
+    if c.router == "soft" and c.top_k is not None:
+        errors.append(f"`top_k` must be None for router='soft' (it uses all experts), got {c.top_k!r}; use router='topk'")
+    if c.normalize_top_k is not None and not isinstance(c.normalize_top_k, bool):
+        errors.append(f"`normalize_top_k` must be None, True or False, got {c.normalize_top_k!r}")
+    if c.expert_impl not in EXPERT_IMPLS:
+        errors.append(f"`expert_impl` must be one of {sorted(EXPERT_IMPLS)}, got {c.expert_impl!r}")
+    if c.adapter_dtype not in ADAPTER_DTYPES:
+        errors.append(f"`adapter_dtype` must be one of {list(ADAPTER_DTYPES)}, got {c.adapter_dtype!r}")
+    return errors
+
+
+def _check_tasks(c: MoLoRAConfig) -> list[str]:
+    errors = []
+    if c.router == "task" and not (_is_int(c.num_tasks) and c.num_tasks >= 1):
+        errors.append(f"`num_tasks` must be an int >= 1 for router='task', got {c.num_tasks!r}")
+    elif c.num_tasks is not None and not (_is_int(c.num_tasks) and c.num_tasks >= 1):
+        errors.append(f"`num_tasks` must be an int >= 1 or None, got {c.num_tasks!r}")
+    names = c.task_names
+    if names is None:
+        return errors
+    if not (isinstance(names, list) and all(isinstance(t, str) for t in names)):
+        return errors + [f"`task_names` must be a list of strings, got {names!r}"]
+    if c.num_tasks is not None and len(names) != c.num_tasks:
+        errors.append(f"`task_names` must have num_tasks={c.num_tasks} entries, got {len(names)}")
+    folders: dict[str, str] = {}
+    for name in names:
+        folder = task_folder_name(name)
+        if not folder or name.isdigit() or folder.lower() in RESERVED_TASK_NAMES:
+            errors.append(
+                f"`task_names` entry {name!r} is not allowed: a task name needs a letter, must not be all "
+                f"digits (ids are ints) and must not be one of {sorted(RESERVED_TASK_NAMES)}"
+            )
+        elif folder in folders:
+            errors.append(
+                f"`task_names` entries {folders[folder]!r} and {name!r} collide: both export to the folder "
+                f"{folder!r} (names are unique after replacing characters outside [A-Za-z0-9._-] by '_')"
+            )
+        folders.setdefault(folder, name)
+    return errors
+
+
+def _check_options(c: MoLoRAConfig) -> list[str]:
+    return [
+        f"`{name}` must be True or False, got {getattr(c, name)!r} ({type(getattr(c, name)).__name__})"
+        for name in ("use_rslora", "debug")
+        if not isinstance(getattr(c, name), bool)
+    ]
+
+
+def task_folder_name(name: str) -> str:
+    """The folder a task's export is written to: characters outside [A-Za-z0-9._-] become '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")

@@ -56,6 +56,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from molora.atomic import atomic_directory
+from molora.core.config import task_folder_name
 from molora.io import base_model_name
 from molora.merge.factors import (
     METHODS,
@@ -214,7 +215,7 @@ def _folder_name(model: nn.Module, tid: Any) -> str:
     """The task's name (``config.task_names``, or a by-task gates key that is a name), else task_<id>."""
     names = _task_names(model)
     name = names[tid] if names and isinstance(tid, int) and 0 <= tid < len(names) else tid
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") if isinstance(name, str) else ""
+    safe = task_folder_name(name) if isinstance(name, str) else ""
     return safe or f"task_{tid}"
 
 
