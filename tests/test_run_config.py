@@ -147,7 +147,7 @@ def test_cli_rejects_bad_key_before_loading_any_model(tiny_config_path, monkeypa
     def fail(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was validated")
 
-    monkeypatch.setattr(molora.training.loop, "_load_base_model", fail)
+    monkeypatch.setattr(molora.training.loop, "load_base_model", fail)
     monkeypatch.setattr(molora.training.loop, "train", fail)
     assert main(["train", str(tiny_config_path), "train.lrr=0.1"]) == 2
     assert "unknown key 'train.lrr'" in capsys.readouterr().err
@@ -165,7 +165,7 @@ def test_cli_dry_run_prints_resolved_config(tiny_config_path, capsys):
 def test_missing_data_file_fails_before_model_load(tiny_config_path, tmp_path, monkeypatch):
     import molora.training.loop
 
-    monkeypatch.setattr(molora.training.loop, "_load_base_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    monkeypatch.setattr(molora.training.loop, "load_base_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
     config = load_run_config(tiny_config_path, [f"data.tasks.sort.train={tmp_path / 'nope.jsonl'}", f"train.output_dir={tmp_path / 'run'}"])
     with pytest.raises(FileNotFoundError, match=r"data\.tasks\.sort\.train="):
         molora.training.loop.train(config)

@@ -17,7 +17,8 @@ from conftest import REPO_ROOT, TINY_CONFIG, tiny_run_overrides
 from tiny_models import tiny_llama
 
 from molora.cli import main
-from molora.training.loop import build_byte_tokenizer, lr_factor, param_groups
+from molora.training.optim import lr_factor, param_groups
+from molora.training.tokenizer import build_byte_tokenizer
 
 MAX_STEPS = 6
 
@@ -297,7 +298,7 @@ def test_inspect_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_eval_token_loss_and_accuracy_match_a_direct_computation():
-    from molora.training.loop import _example_stats
+    from molora.training.evaluation import _example_stats
 
     torch.manual_seed(0)
     model = tiny_llama()

@@ -107,12 +107,25 @@ def mix_tasks(
     # Tag every full task dataset (cheap: no index mapping yet), concatenate them once,
     # then take all draws in one lazy `select` over global row numbers.
     tagged = [_with_task_id(ds, task_to_id[name]) for name, ds in zip(names, aligned)]
+    return concatenate_datasets(tagged).select(_mixed_rows(sizes, counts, rng))
+
+
+def _mixed_rows(sizes: list[int], counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Shuffled global row numbers of the concatenated tasks: ``counts[t]`` draws from task t.
+
+    Args:
+        sizes: examples per task, in concatenation order.
+        counts: (num_tasks,) draws per task.
+        rng: the mixing generator (draws, then the final permutation).
+
+    Returns:
+        (sum(counts),) int row numbers into the concatenation.
+    """
     offsets = np.cumsum([0] + sizes[:-1])  # (num_tasks,) first global row of each task
     rows = np.concatenate(
         [off + _draw_indices(n, int(c), rng) for off, n, c in zip(offsets, sizes, counts) if c]
     )  # (total,)
-    rows = rows[rng.permutation(len(rows))]
-    return concatenate_datasets(tagged).select(rows)
+    return rows[rng.permutation(len(rows))]
 
 
 def _with_task_id(ds: Dataset, task_id: int) -> Dataset:

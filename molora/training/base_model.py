@@ -1,0 +1,79 @@
+"""The base model of a training run: loaded from a folder, or built with random weights from
+``model.from_config`` and then kept in the run folder so that adapters can name their base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from molora.atomic import atomic_directory
+from molora.training.run_config import RunConfig
+
+__all__ = ["BASE_MODEL_DIR", "keep_base_with_run", "load_base_model"]
+
+BASE_MODEL_DIR = "base_model"
+
+
+def load_base_model(config: RunConfig, tokenizer) -> torch.nn.Module:
+    """Load (``model.name_or_path``) or build (``model.from_config``) the base model.
+
+    Args:
+        config: the run config; its ``model`` section picks the auto class (causal LM or
+            sequence classification), dtype, attention implementation and labels.
+        tokenizer: gives the pad token id when the model config has none.
+
+    Returns:
+        The ``transformers`` model.
+    """
+    import transformers
+
+    m = config.model
+    auto = (
+        transformers.AutoModelForCausalLM
+        if m.task_type == "causal_lm"
+        else transformers.AutoModelForSequenceClassification
+    )
+    kwargs: dict[str, Any] = {}
+    if m.num_labels is not None:
+        kwargs["num_labels"] = m.num_labels
+    if m.attn_implementation is not None:
+        kwargs["attn_implementation"] = m.attn_implementation
+    dtype = None if m.dtype == "auto" else getattr(torch, m.dtype)
+    if m.from_config is not None:
+        cfg = dict(m.from_config)
+        hf_config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg, **kwargs)
+        model = auto.from_config(hf_config, dtype=dtype or torch.float32)
+    else:
+        model = auto.from_pretrained(
+            m.name_or_path, dtype=dtype or "auto", trust_remote_code=m.trust_remote_code, **kwargs
+        )
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last token with it
+    return model
+
+
+def keep_base_with_run(base: torch.nn.Module, output_dir: Path, *, resuming: bool, main: bool) -> torch.nn.Module:
+    """Save a base built from config into ``output_dir/base_model`` (or reload it on resume).
+
+    A model built from config has no weights anywhere else: keeping them with the run lets
+    adapters, exports and ``molora export RUN`` name and reload their base.
+
+    Args:
+        base: the freshly built base model.
+        output_dir: the run folder.
+        resuming: reload the saved base (exactly the run's weights) when there is one.
+        main: whether this is the main process (the only one that writes).
+
+    Returns:
+        The base model, its ``config.name_or_path`` pointing at the saved folder.
+    """
+    base_dir = (output_dir / BASE_MODEL_DIR).resolve()
+    if resuming and (base_dir / "config.json").is_file():
+        base = type(base).from_pretrained(base_dir, dtype=base.dtype)  # exactly the run's base
+    elif main:
+        with atomic_directory(base_dir) as tmp:
+            base.save_pretrained(tmp)
+    base.config.name_or_path = str(base_dir)
+    return base

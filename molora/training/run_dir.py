@@ -1,0 +1,90 @@
+"""The run folder (``train.output_dir``): the names of what a run writes there, where its
+checkpoints are, and the checks made before a run starts (a fresh run does not mix its
+files with an earlier run's; ``--resume`` finds a complete checkpoint)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+__all__ = [
+    "CHECKPOINTS",
+    "EXPORT",
+    "FINAL",
+    "METRICS",
+    "RUN_CONFIG",
+    "STATE",
+    "SUMMARY",
+    "check_fresh",
+    "checkpoint_dirs",
+    "resolve_resume",
+]
+
+CHECKPOINTS = "checkpoints"  # step_XXXXXXX/ folders
+METRICS = "metrics.jsonl"
+STATE = "trainer_state.json"  # in each checkpoint; written last, so it marks a complete one
+RUN_CONFIG = "run_config.yaml"
+FINAL = "final"
+EXPORT = "export"
+SUMMARY = "summary.json"
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (with a trainer state) in ``output_dir``, oldest first."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def check_fresh(accelerator, output_dir: Path, *, overwrite: bool) -> None:
+    """A fresh run must not mix its files with an earlier run's (unless asked to clear it).
+
+    Args:
+        accelerator: the run's ``accelerate.Accelerator`` (all processes call).
+        output_dir: the run folder.
+        overwrite: delete an earlier run's files instead of refusing.
+
+    Raises:
+        FileExistsError: ``output_dir`` holds an earlier run and ``overwrite`` is false.
+    """
+    accelerator.wait_for_everyone()  # every rank looks before the main one deletes anything
+    old = [output_dir / n for n in (CHECKPOINTS, METRICS, FINAL, EXPORT, SUMMARY) if (output_dir / n).exists()]
+    if not old:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"train.output_dir={str(output_dir)!r} holds an earlier run ({', '.join(p.name for p in old)}): "
+            "continue it with --resume, choose another train.output_dir, or set train.overwrite_output_dir=true"
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for path in old:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    accelerator.wait_for_everyone()
+
+
+def resolve_resume(resume: bool | str | os.PathLike, output_dir: Path) -> Path:
+    """The checkpoint folder to resume from.
+
+    Args:
+        resume: ``True``: the newest checkpoint in ``output_dir``; a path: that folder.
+        output_dir: the run folder.
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        FileNotFoundError: no checkpoint, or the path is not a complete checkpoint.
+    """
+    if resume is True:
+        found = checkpoint_dirs(output_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint in {str(output_dir / CHECKPOINTS)!r}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE).is_file():
+        raise FileNotFoundError(f"--resume {str(path)!r}: not a checkpoint folder ({STATE} missing)")
+    return path
