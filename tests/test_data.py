@@ -356,7 +356,7 @@ def test_demo_tasks_deterministic(demo_tasks):
 
 
 def test_demo_split_changes_with_seed():
-    from molora.apps.demo.tasks import _balanced_split
+    from molora.apps.demo.tasks.common import balanced_split as _balanced_split
 
     pool = [(f"text {i}", "ab"[i % 2]) for i in range(100)]
     a = _balanced_split(pool, ["a", "b"], max_train=40, max_test=10, seed=0, task_index=0)

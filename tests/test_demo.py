@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from molora.apps.demo.run import DEMO_MODELS, QUICK_OVERRIDES, DemoConfig
+from molora.apps.demo.config import QUICK_OVERRIDES, DemoConfig
+from molora.apps.demo.models import DEMO_MODELS
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

@@ -1,4 +1,5 @@
-"""Plots of a training run: expert-load heatmaps per task and layer, and metric curves.
+"""Every plot of molora's apps: expert-load heatmaps per task and layer, metric curves, and the
+demo's gate-weight grid (model x task).
 
 matplotlib is optional (``pip install 'molora[plot]'``); :func:`require_matplotlib` raises an
 ImportError that says so. Figures are written with the non-interactive Agg backend, through a
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_metrics", "plot_routing", "require_matplotlib", "short_layer_name"]
+__all__ = ["plot_gate_grid", "plot_metrics", "plot_routing", "require_matplotlib", "short_layer_name"]
 
 MATPLOTLIB_HINT = "matplotlib is not installed; install it with `pip install 'molora[plot]'` (or `pip install matplotlib`) to write plots"
 
@@ -63,7 +64,9 @@ def plot_routing(routing: dict[str, dict[str, dict[str, Any]]], path: str | os.P
     grids = [np.array([routing[t][layer]["load"] for layer in layers]) for t in tasks]  # (L, N) per task
     vmax = max(float(g.max()) for g in grids) or 1.0
     height = min(2 + 0.22 * len(layers), 40)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(1.2 + (0.45 * n_exp + 0.8) * len(tasks) + 2.5, height), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(1.2 + (0.45 * n_exp + 0.8) * len(tasks) + 2.5, height), squeeze=False, sharey=True
+    )
     image = None
     for ax, task, grid in zip(axes[0], tasks, grids):
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
@@ -118,11 +121,64 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike, *, titl
     return _save(fig, plt, path)
 
 
-def _save(fig, plt, path: str | os.PathLike) -> Path:
+def plot_gate_grid(routing: dict[str, dict[str, dict[str, Any]]], path: str | os.PathLike, *, title: str) -> Path:
+    """Per model (row) and task (column), a (layer x expert) heatmap of the mean gate weight.
+
+    The gate-weighted load (``routing_stats()[layer]["gates"]``, the mean gate weight per real
+    token; rows sum to 1) rather than the selection count, so that the preferences of a soft
+    router show too. Layers are labelled as ``L3 query``.
+
+    Args:
+        routing: ``{model: {task: {layer: {"gates": (N,) tensor or array, ...}}}}``.
+        path: the PNG to write.
+        title: figure title.
+
+    Returns:
+        The written path.
+    """
+    plt = require_matplotlib()
+    import numpy as np
+
+    models = list(routing)
+    task_names = list(next(iter(routing.values())))
+    fig, axes = plt.subplots(
+        len(models),
+        len(task_names),
+        figsize=(3.2 * len(task_names), 0.3 * 12 + 2.2 * len(models)),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    image = None
+    for i, key in enumerate(models):
+        for j, task in enumerate(task_names):
+            stats = routing[key][task]
+            layers = list(stats)
+            gates = np.stack([np.asarray(stats[name]["gates"]) for name in layers])  # (layers, N)
+            ax = axes[i][j]
+            image = ax.imshow(gates, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_title(f"{key}: {task}", fontsize=9)
+            ax.set_xticks(range(gates.shape[1]))
+            ax.set_xlabel("expert", fontsize=8)
+            ax.set_yticks(range(len(layers)))
+            ax.set_yticklabels([_layer_label(n) for n in layers] if j == 0 else [], fontsize=6)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="mean gate weight per token (test set)")
+    fig.suptitle(title)
+    return _save(fig, plt, path, dpi=110, bbox_inches=None)
+
+
+def _layer_label(name: str) -> str:
+    """'encoder.layer.3.attention.self.query' -> 'L3 query'."""
+    parts = name.split(".")
+    layer = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p == "layer"), "?")
+    return f"L{layer} {parts[-1]}"
+
+
+def _save(fig, plt, path: str | os.PathLike, *, dpi: int = 120, bbox_inches: str | None = "tight") -> Path:
+    """Write ``fig`` to ``path`` through a temporary file and a rename, then close it."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, dpi=dpi, bbox_inches=bbox_inches)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

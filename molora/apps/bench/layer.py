@@ -23,14 +23,14 @@ import torch
 from torch import nn
 
 from molora.apps.bench.report import (
-    command_line,
+    cuda_peak_mib,
     environment,
-    environment_markdown,
     format_table,
     median,
+    resolve_device,
     saved_bytes,
     time_interleaved,
-    update_markdown,
+    write_section,
 )
 from molora.core.experts import EXPERT_IMPLS
 from molora.core.layer import MoLoRALinear
@@ -82,10 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, int, int, int]:
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    """(device, dtype, tokens, in features, out features), the device's defaults where unset."""
+    device = resolve_device(args.device)
     defaults = _CUDA_DEFAULTS if device.type == "cuda" else _CPU_DEFAULTS
     dtype = getattr(torch, args.dtype or defaults["dtype"])
     tokens = args.tokens or defaults["tokens"]
@@ -177,6 +175,11 @@ def _inputs(args, device, dtype, tokens: int, in_features: int, out_features: in
 
 
 def run(args: argparse.Namespace) -> int:
+    """Build the variants, time fwd+bwd of each, print the table (and update ``--markdown``).
+
+    Returns:
+        0.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype, tokens, in_features, out_features = _resolve(args)
@@ -187,29 +190,57 @@ def run(args: argparse.Namespace) -> int:
             v.module.routing_context.task_ids = task_ids
     x.requires_grad_(True)
 
-    def fwd_bwd(variant: Variant):
-        def step():
-            variant.module(x).backward(grad_out)
-
-        return step
-
     def reset(_name: str | None = None) -> None:
         x.grad = None
         for v in variants:
             for p in v.trainable:
                 p.grad = None
 
-    steps = {v.name: fwd_bwd(v) for v in variants}
+    steps = {v.name: _fwd_bwd(v, x, grad_out) for v in variants}
     times = time_interleaved(
         steps, repeats=args.repeats, warmup=args.warmup, device=device, before_each=reset, clock=args.clock
     )
     memory = {v.name: _activation_memory(v, x, grad_out, device, reset) for v in variants}
+    mem_header = "peak MiB" if device.type == "cuda" else "saved act MiB"
+    headers = ["variant", "ms", "x base", f"x LoRA r={args.rank}", "min ms", mem_header]
+    rows = _rows(args, variants, times, memory)
+    shape = (
+        f"T={tokens}, in={in_features}, out={out_features}, N={args.experts}, r={args.rank}, top-{args.top_k}, "
+        f"{str(dtype).replace('torch.', '')}, {device.type}, fwd+bwd (grads: x, adapters, router; W0 frozen), "
+        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up, {args.clock} clock, "
+        f"torch threads={torch.get_num_threads()}"
+    )
+    print(f"bench_layer: {shape}")
+    print(format_table(headers, rows))
+    if args.profile:
+        _profile(args.profile, steps, reset)
+    if args.markdown:
+        write_section(
+            args.markdown,
+            args.section or f"bench_layer_{device.type}",
+            title="Layer: forward+backward of one linear layer",
+            info=environment(device),
+            shape=shape,
+            headers=headers,
+            rows=rows,
+        )
+    return 0
 
+
+def _fwd_bwd(variant: Variant, x: torch.Tensor, grad_out: torch.Tensor):
+    """A zero-argument step: forward of ``x`` through the variant, backward of ``grad_out``."""
+
+    def step():
+        variant.module(x).backward(grad_out)
+
+    return step
+
+
+def _rows(args, variants: list[Variant], times: dict, memory: dict) -> list[list[str]]:
+    """One table row per variant: median ms, ratios to the base and to PEFT LoRA r, memory."""
     base_ms = median(times[variants[0].name]) * 1e3
     peft_name = f"peft_lora r={args.rank}"
     peft_ms = median(times[peft_name]) * 1e3 if peft_name in times else float("nan")
-    mem_header = "peak MiB" if device.type == "cuda" else "saved act MiB"
-    headers = ["variant", "ms", "x base", f"x LoRA r={args.rank}", "min ms", mem_header]
     rows = []
     for v in variants:
         ms = median(times[v.name]) * 1e3
@@ -223,43 +254,16 @@ def run(args: argparse.Namespace) -> int:
                 f"{memory[v.name]:.1f}",
             ]
         )
-    shape = (
-        f"T={tokens}, in={in_features}, out={out_features}, N={args.experts}, r={args.rank}, top-{args.top_k}, "
-        f"{str(dtype).replace('torch.', '')}, {device.type}, fwd+bwd (grads: x, adapters, router; W0 frozen), "
-        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up, {args.clock} clock, "
-        f"torch threads={torch.get_num_threads()}"
-    )
-    print(f"bench_layer: {shape}")
-    print(format_table(headers, rows))
-    if args.profile:
-        _profile(args.profile, steps, reset)
-    if args.markdown:
-        info = environment(device)
-        body = "\n\n".join(
-            [
-                "## Layer: forward+backward of one linear layer",
-                environment_markdown(info, command_line()),
-                shape,
-                format_table(headers, rows, markdown=True),
-            ]
-        )
-        update_markdown(args.markdown, args.section or f"bench_layer_{device.type}", body)
-        print(f"updated {args.markdown}")
-    return 0
+    return rows
 
 
 def _activation_memory(variant: Variant, x, grad_out, device, reset) -> float:
     """MiB: saved activations (CPU) or the allocator peak above what is live (CUDA)."""
     reset()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        variant.module(x).backward(grad_out)
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
+        peak = cuda_peak_mib(_fwd_bwd(variant, x, grad_out), device)
         reset()
-        return peak / 2**20
+        return peak
     exclude = [*variant.trainable, *variant.frozen, x]
     nbytes = saved_bytes(lambda: variant.module(x), exclude)
     return nbytes / 2**20

@@ -207,3 +207,56 @@ def environment_markdown(info: dict[str, str], command: str) -> str:
     lines = [f"- {key}: {value}" for key, value in info.items()]
     lines.append(f"- command: `{command}`")
     return "\n".join(lines)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: "auto" is CUDA when available, else CPU; any other name as given."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def cuda_peak_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """MiB the CUDA allocator peaks at above what is live, while ``fn()`` runs."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def write_section(
+    path: str | os.PathLike,
+    section: str,
+    *,
+    title: str,
+    info: dict[str, str],
+    shape: str,
+    headers: list[str],
+    rows: list[list[str]],
+    notes: list[str] = (),
+) -> None:
+    """Write a benchmark's results as one RESULTS.md section, and say so.
+
+    Args:
+        path: the markdown file (created with a header when missing).
+        section: the section's marker name, e.g. ``bench_layer_cpu``.
+        title: the section's heading (without ``##``).
+        info: the environment (:func:`environment`), listed with the command line.
+        shape: the line that describes the measured setting.
+        headers: the table's column names.
+        rows: the table's rows.
+        notes: bullet lines after the table, under "Notes:".
+    """
+    body = "\n\n".join(
+        [
+            f"## {title}",
+            environment_markdown(info, command_line()),
+            shape,
+            format_table(headers, rows, markdown=True),
+            *(["Notes:\n" + "\n".join(notes)] if notes else []),
+        ]
+    )
+    update_markdown(path, section, body)
+    print(f"updated {path}")

@@ -26,14 +26,14 @@ import torch
 from torch import nn
 
 from molora.apps.bench.report import (
-    command_line,
+    cuda_peak_mib,
     environment,
-    environment_markdown,
     format_table,
     median,
+    resolve_device,
     saved_bytes,
     time_interleaved,
-    update_markdown,
+    write_section,
 )
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -174,74 +174,83 @@ def _mixlora(base: nn.Module, args, batch: dict, name: str, dtype) -> TrainVaria
             "install it in the benchmark env: pip install --no-deps mixlora==0.2.3",
         )
     try:
-        config = MixLoraConfig.from_config(
-            {
-                "base_model_name_or_path": "random-llama",
-                "task_type": "CAUSAL_LM",
-                "peft_type": "MIXLORA",
-                "r": args.rank,
-                "lora_alpha": 2 * args.rank,
-                "lora_dropout": 0.05,
-                "target_modules": TARGETS,
-                "routing_strategy": "mixlora",
-                "num_experts": args.experts,
-                "top_k": args.top_k,
-                "act_fn": "silu",
-            }
-        )
-        config.adapter_name_ = "default"
-        config.dtype_ = dtype
-        config.check()
-        device = batch["input_ids"].device
-        hidden, inter = base.config.hidden_size, base.config.intermediate_size
-        shapes = {
-            "q_proj": (hidden, hidden),
-            "k_proj": (hidden, hidden),
-            "v_proj": (hidden, hidden),
-            "o_proj": (hidden, hidden),
-            "gate_proj": (hidden, inter),
-            "up_proj": (hidden, inter),
-            "down_proj": (inter, hidden),
-        }  # (in, out)
-        weights: dict[str, torch.Tensor] = {}
-        gen = torch.Generator().manual_seed(args.seed)
-
-        def lora(prefix: str, proj: str) -> None:
-            fan_in, fan_out = shapes[proj]
-            weights[f"{prefix}.lora_A.weight"] = (torch.rand(args.rank, fan_in, generator=gen) - 0.5) * (
-                2 / fan_in**0.5
-            )
-            weights[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, args.rank, generator=gen) * 0.01
-
-        for i in range(base.config.num_hidden_layers):
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                lora(f"mixlora.layers.{i}.self_attn.{proj}", proj)
-            weights[f"mixlora.layers.{i}.mlp.moe_gate.weight"] = torch.randn(args.experts, hidden, generator=gen) * 0.02
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                for e in range(args.experts):
-                    lora(f"mixlora.layers.{i}.mlp.{proj}.experts.{e}", proj)
-        weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        config = _mixlora_config(MixLoraConfig, args, dtype)
+        weights = _mixlora_weights(base.config, args)
+        weights = {k: v.to(device=batch["input_ids"].device, dtype=dtype) for k, v in weights.items()}
         inject_adapter_in_model(base, config, weights)
-        params: list[torch.Tensor] = []
-        for layer in base.model.layers:
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                module = getattr(layer.self_attn, proj)
-                module.dropout_ = nn.Identity()
-                params += [module.lora_A.weight, module.lora_B.weight]
-            moe = layer.mlp.mixlora_moes["default"]
-            moe.gate_.requires_grad_(True)
-            params.append(moe.gate_)
-            for expert in moe.experts_.values():
-                expert.dropout_ = nn.Identity()
-                params += [expert.lora_A.weight, expert.lora_B.weight]
-        for p in params:
-            p.requires_grad_(True)
+        params = _mixlora_trainable(base)
         step, forward = _make_step(base, params, batch)
         step()  # fail here, not in the timed loop, if it does not run beside this transformers
         frozen = list(base.parameters())
         return TrainVariant(f"{name} ({mixlora.__name__} {_version('mixlora')})", step, params, frozen, forward)
     except Exception as exc:  # noqa: BLE001 - a peer that does not run is a result, not a crash
         return TrainVariant(name, error=f"mixlora failed beside transformers: {type(exc).__name__}: {exc}"[:300])
+
+
+def _mixlora_config(config_cls, args, dtype):
+    """The ``MixLoraConfig`` (``config_cls``) of the benchmark: the targets, r, alpha, N and
+    top-k of the molora variants."""
+    config = config_cls.from_config(
+        {
+            "base_model_name_or_path": "random-llama",
+            "task_type": "CAUSAL_LM",
+            "peft_type": "MIXLORA",
+            "r": args.rank,
+            "lora_alpha": 2 * args.rank,
+            "lora_dropout": 0.05,
+            "target_modules": TARGETS,
+            "routing_strategy": "mixlora",
+            "num_experts": args.experts,
+            "top_k": args.top_k,
+            "act_fn": "silu",
+        }
+    )
+    config.adapter_name_ = "default"
+    config.dtype_ = dtype
+    config.check()
+    return config
+
+
+def _mixlora_weights(model_config, args) -> dict[str, torch.Tensor]:
+    """Random MixLoRA adapter weights in the package's naming, seeded by ``args.seed`` (on CPU)."""
+    hidden, inter = model_config.hidden_size, model_config.intermediate_size
+    shapes = {proj: (hidden, hidden) for proj in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    shapes.update({"gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)})  # (in, out)
+    weights: dict[str, torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def lora(prefix: str, proj: str) -> None:
+        fan_in, fan_out = shapes[proj]
+        weights[f"{prefix}.lora_A.weight"] = (torch.rand(args.rank, fan_in, generator=gen) - 0.5) * (2 / fan_in**0.5)
+        weights[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, args.rank, generator=gen) * 0.01
+
+    for i in range(model_config.num_hidden_layers):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            lora(f"mixlora.layers.{i}.self_attn.{proj}", proj)
+        weights[f"mixlora.layers.{i}.mlp.moe_gate.weight"] = torch.randn(args.experts, hidden, generator=gen) * 0.02
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            for e in range(args.experts):
+                lora(f"mixlora.layers.{i}.mlp.{proj}.experts.{e}", proj)
+    return weights
+
+
+def _mixlora_trainable(model: nn.Module) -> list[torch.Tensor]:
+    """The injected adapters' tensors, made trainable, with their dropout replaced by identity."""
+    params: list[torch.Tensor] = []
+    for layer in model.model.layers:
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            module = getattr(layer.self_attn, proj)
+            module.dropout_ = nn.Identity()
+            params += [module.lora_A.weight, module.lora_B.weight]
+        moe = layer.mlp.mixlora_moes["default"]
+        moe.gate_.requires_grad_(True)
+        params.append(moe.gate_)
+        for expert in moe.experts_.values():
+            expert.dropout_ = nn.Identity()
+            params += [expert.lora_A.weight, expert.lora_B.weight]
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def _version(dist: str) -> str:
@@ -275,14 +284,14 @@ def build_variants(args, device, dtype) -> tuple[list[TrainVariant], dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Build the variants, time their training steps, print the table (and update ``--markdown``).
+
+    Returns:
+        0.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = (
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
-    device = torch.device(name)
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     variants, _ = build_variants(args, device, dtype)
     runnable = [v for v in variants if v.error is None]
@@ -291,11 +300,34 @@ def run(args: argparse.Namespace) -> int:
     )
     losses = {v.name: v.step() for v in runnable}
     memory = {v.name: _memory(v, device) for v in runnable}
-    tokens = args.batch * args.seq
-    ref = next((v.name for v in runnable if v.name == f"peft_lora r={args.rank}"), None)
-    ref_s = median(times[ref]) if ref else float("nan")
     mem_header = "peak MiB" if device.type == "cuda" else "saved act MiB"
     headers = ["variant", "step ms", "tokens/s", f"x LoRA r={args.rank}", "trainable", mem_header, "loss"]
+    rows = _rows(args, variants, times, memory, losses)
+    shape = _shape(args, device, dtype)
+    notes = _notes(variants)
+    print(f"bench_train: {shape}")
+    print(format_table(headers, rows))
+    for note in notes:
+        print(note)
+    if args.markdown:
+        write_section(
+            args.markdown,
+            args.section or f"bench_train_{device.type}",
+            title="Training steps: Llama-shaped model, all linear layers",
+            info={**environment(device), "mixlora": _version("mixlora")},
+            shape=shape,
+            headers=headers,
+            rows=rows,
+            notes=notes,
+        )
+    return 0
+
+
+def _rows(args, variants: list[TrainVariant], times: dict, memory: dict, losses: dict) -> list[list[str]]:
+    """One table row per variant; a variant that could not run gets dashes."""
+    tokens = args.batch * args.seq
+    ref = f"peft_lora r={args.rank}"
+    ref_s = median(times[ref]) if ref in times else float("nan")
     rows = []
     for v in variants:
         if v.error:
@@ -314,13 +346,23 @@ def run(args: argparse.Namespace) -> int:
                 f"{losses[v.name]:.3f}",
             ]
         )
-    shape = (
+    return rows
+
+
+def _shape(args, device: torch.device, dtype: torch.dtype) -> str:
+    """The line that describes the model, batch and timing of this run."""
+    return (
         f"Llama from config: hidden={args.hidden}, layers={args.layers}, heads={args.heads}, vocab={args.vocab}, "
-        f"seq={args.seq}, batch={args.batch} ({tokens} tokens/step), {str(dtype).replace('torch.', '')}, {device.type}; "
+        f"seq={args.seq}, batch={args.batch} ({args.batch * args.seq} tokens/step), "
+        f"{str(dtype).replace('torch.', '')}, {device.type}; "
         f"targets: all linear layers ({', '.join(TARGETS)}); N={args.experts}, r={args.rank}, top-{args.top_k}; "
         f"AdamW step; median of {args.repeats} interleaved steps after {args.warmup} warm-up, {args.clock} clock, "
         f"torch threads={torch.get_num_threads()}"
     )
+
+
+def _notes(variants: list[TrainVariant]) -> list[str]:
+    """Why a variant did not run, and (when mixlora ran) how it differs from molora."""
     notes = [f"- {v.name}: {v.error}" for v in variants if v.error]
     if any(v.name.startswith("mixlora") and v.error is None for v in variants):
         notes.append(
@@ -334,33 +376,13 @@ def run(args: argparse.Namespace) -> int:
             "- molora: N experts on every targeted layer, so more trainable parameters than mixlora at "
             "the same N and r; its loss includes the load-balancing term."
         )
-    print(f"bench_train: {shape}")
-    print(format_table(headers, rows))
-    for note in notes:
-        print(note)
-    if args.markdown:
-        body = "\n\n".join(
-            [
-                "## Training steps: Llama-shaped model, all linear layers",
-                environment_markdown({**environment(device), "mixlora": _version("mixlora")}, command_line()),
-                shape,
-                format_table(headers, rows, markdown=True),
-                *(["Notes:\n" + "\n".join(notes)] if notes else []),
-            ]
-        )
-        update_markdown(args.markdown, args.section or f"bench_train_{device.type}", body)
-        print(f"updated {args.markdown}")
-    return 0
+    return notes
 
 
 def _memory(variant: TrainVariant, device) -> float:
+    """MiB: the allocator peak of one step (CUDA) or the activations autograd saves (CPU)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        variant.step()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        return cuda_peak_mib(variant.step, device)
     return saved_bytes(variant.forward, [*variant.params, *variant.frozen]) / 2**20
 
 

@@ -51,7 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from molora.apps.demo.run import DemoConfig, run_demo
+    from molora.apps.demo.config import DemoConfig
+    from molora.apps.demo.run import run_demo
 
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"molora demo: --steps must be >= 1, got {args.steps}")
