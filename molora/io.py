@@ -11,7 +11,9 @@ A saved adapter is a folder with
 
 Loading checks the base model (module names, shapes) and the tensor file (keys, shapes)
 against the metadata before the base model is touched, and says exactly what does not fit.
-Writes go through :mod:`molora.atomic`.
+The folder is replaced as one unit (:func:`molora.atomic.atomic_directory`): a kill or an error
+at any moment leaves the previous adapter or the new one, never new weights with an old config.
+Other files in the folder (a README, a tokenizer) are kept.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from molora._version import __version__
-from molora.atomic import atomic_save_safetensors, atomic_write_text
+from molora.atomic import atomic_directory, atomic_save_safetensors, atomic_write_text, recover_directory
 from molora.core.config import MoLoRAConfig
 from molora.core.layer import linear_shape
 from molora.inject import find_modules_to_save, find_target_modules
@@ -71,12 +73,14 @@ def save_molora(model: Any, save_directory: str | os.PathLike) -> None:
         "modules_to_save": list(model.modules_to_save),
         "tensors": {k: list(v.shape) for k, v in state.items()},
     }
-    atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "library": "molora"})
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+    with atomic_directory(directory, owned=lambda name: name in (CONFIG_NAME, WEIGHTS_NAME)) as tmp:
+        atomic_save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "library": "molora"})
+        atomic_write_text(tmp / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Read and sanity-check ``molora_config.json`` of a saved adapter folder."""
+    recover_directory(path)  # a save killed between its two renames left the previous folder aside
     config_path = Path(path) / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no MoLoRA adapter at {str(path)!r}: {CONFIG_NAME} is missing")

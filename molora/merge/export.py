@@ -103,15 +103,22 @@ MERGE_REPORT = "merge_report.json"
 
 
 def _atomic_dir(path: Path):
-    """:func:`molora.io.atomic_directory`, refusing to replace a folder that is not a previous
-    export, so that an unrelated folder is never deleted."""
+    """:func:`molora.atomic.atomic_directory`, refusing to write into a folder that is not a
+    previous export; in a previous export, files the export did not write are kept."""
     path = Path(path)
     if path.is_dir() and any(path.iterdir()) and not (path / MERGE_REPORT).exists():
         raise FileExistsError(
             f"export path {path} is a non-empty folder that is not a previous molora export; "
             "choose an empty or new folder"
         )
-    return atomic_directory(path)
+    return atomic_directory(path, owned=lambda name: _is_export_entry(path / name))
+
+
+def _is_export_entry(entry: Path) -> bool:
+    """An entry a previous export wrote (replaced by the new export); anything else is the user's."""
+    if entry.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_REPORT):
+        return True
+    return entry.is_dir() and (entry / ADAPTER_CONFIG).is_file() and (entry / ADAPTER_WEIGHTS).is_file()
 
 
 def _peft_task_type(base: nn.Module) -> str | None:
