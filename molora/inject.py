@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from molora.core.config import MoLoRAConfig
-from molora.core.layer import Conv1D, MoLoRALinear, RoutingContext, linear_shape
+from molora.core.layer import Conv1D, MoLoRALinear, linear_shape
+from molora.core.routing import RoutingContext
 from routers import build_router
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from molora.core.config import MoLoRAConfig
-from molora.core.layer import MoLoRALinear, RoutingContext
+from molora.core.layer import MoLoRALinear
 from molora.core.losses import load_balancing_loss, router_z_loss
+from molora.core.routing import RoutingContext, replay_routing, validate_task_ids
 from molora.inject import inject_molora, unload_molora
 from molora.io import load_molora, save_molora
 from molora.merge import export, from_peft
@@ -68,44 +69,100 @@ class MoLoRAModel(nn.Module):
         return self.base_model
 
     # ------------------------------------------------------------------ running
-    def _set_routing(self, task_ids: torch.Tensor | list[int] | int | None) -> None:
-        if task_ids is not None:
-            task_ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
-        if self.molora_config.router == "task" and task_ids is None:
+    def _set_routing(self, task_ids: Any, batch_size: int | None) -> None:
+        """Validate ``task_ids`` once for this call (host side) and publish them to the layers."""
+        cfg = self.molora_config
+        ids = validate_task_ids(task_ids, batch_size=batch_size, num_tasks=cfg.num_tasks, task_names=cfg.task_names)
+        if cfg.router == "task" and ids is None:
             raise ValueError("this model routes by task (router='task'): pass `task_ids` of shape (batch,)")
-        self.routing_context.task_ids = task_ids
+        device = getattr(self.base_model, "device", None)
+        self.routing_context.task_ids = ids if ids is None or device is None else ids.to(device)
+        if self.training:  # checkpointing may have been enabled on the base model directly
+            replay_routing(self.base_model, self.routing_context)
 
-    def forward(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
+    def forward(self, *args, labels: torch.Tensor | None = None, task_ids: Any = None, **kwargs):
         """Run the base model with MoLoRA routing.
 
         Args:
-            *args, **kwargs: the base model's arguments (input_ids, attention_mask, labels, ...).
-            task_ids: (batch,) task id of each sequence; required by the task router,
-                recorded for per-task statistics otherwise.
+            *args, **kwargs: the base model's arguments (input_ids, attention_mask, ...).
+            labels: passed to the base model when given. Named here so that
+                ``transformers.Trainer`` finds the label column (eval_loss, predict's labels).
+            task_ids: (batch,) task id (int, or name from ``config.task_names``) of each
+                sequence; required by the task router, recorded for statistics otherwise.
 
         Returns:
             The base model's output; when it holds a ``loss``, ``router_aux_loss_coef * aux +
-            router_z_loss_coef * z`` has been added to it (as Mixtral does).
+            router_z_loss_coef * z`` has been added to it (as Mixtral does). Under
+            ``num_items_in_batch`` (HF Trainer's loss over a whole gradient-accumulation
+            window), the router terms are weighted by this micro-batch's share of the window's
+            label tokens, so that they keep their configured weight per optimizer step.
         """
-        self._set_routing(task_ids)
+        if labels is not None:
+            kwargs["labels"] = labels
+        self._set_routing(task_ids, _batch_size(args, kwargs))
         self._token_mask = kwargs.get("attention_mask")
         out = self.base_model(*args, **kwargs)
         if self.track_routing_stats:
             self._update_routing_stats()
         loss = getattr(out, "loss", None) if not isinstance(out, tuple) else None
-        cfg = self.molora_config
-        if loss is not None and (cfg.router_aux_loss_coef > 0 or cfg.router_z_loss_coef > 0):
-            if cfg.router_aux_loss_coef > 0:
-                loss = loss + cfg.router_aux_loss_coef * self.aux_loss().to(loss.dtype)
-            if cfg.router_z_loss_coef > 0:
-                loss = loss + cfg.router_z_loss_coef * self.z_loss().to(loss.dtype)
-            out.loss = loss
+        if loss is not None and self._router_loss_on():
+            out.loss = loss + self._router_loss(kwargs).to(loss.dtype)
         return out
 
+    def _router_loss_on(self) -> bool:
+        cfg = self.molora_config
+        return cfg.router_aux_loss_coef > 0 or cfg.router_z_loss_coef > 0
+
+    def _router_loss(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        """coef_aux * aux + coef_z * z of the last forward, scaled to this micro-batch's share."""
+        cfg = self.molora_config
+        self._check_router_grads()
+        loss = 0.0
+        if cfg.router_aux_loss_coef > 0:
+            loss = loss + cfg.router_aux_loss_coef * self.aux_loss()
+        if cfg.router_z_loss_coef > 0:
+            loss = loss + cfg.router_z_loss_coef * self.z_loss()
+        num_items = kwargs.get("num_items_in_batch")
+        labels = kwargs.get("shift_labels", kwargs.get("labels"))
+        if num_items is not None and labels is not None:
+            # Trainer sums the CE over the window's num_items label tokens (no division by the
+            # accumulation steps); the router terms follow with this micro-batch's token share.
+            share = labels.ne(-100).sum().to(loss.device, torch.float32) / torch.as_tensor(num_items).to(loss.device)
+            loss = loss * share
+        return loss
+
+    def _check_router_grads(self) -> None:
+        """Refuse to train the router losses when their gradient is silently lost.
+
+        Reentrant gradient checkpointing runs the forward under ``no_grad``: the routing of
+        the first pass carries no graph, so a loss built from it gives the routers nothing.
+        """
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        for name, layer in self.molora_layers().items():
+            routing = layer.last_routing
+            wants_grad = any(p.requires_grad for p in layer.router.parameters())
+            if routing is not None and wants_grad and not routing.logits.requires_grad:
+                raise RuntimeError(
+                    f"layer {name}: the router logits carry no gradient, so router_aux_loss_coef / "
+                    "router_z_loss_coef would train nothing. The base model runs reentrant gradient "
+                    "checkpointing (use_reentrant=True); enable it with model.gradient_checkpointing_enable() "
+                    "(non-reentrant by default) or gradient_checkpointing_kwargs={'use_reentrant': False}, "
+                    "or set both router loss coefficients to 0."
+                )
+
     @torch.no_grad()
-    def generate(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
-        """``base_model.generate`` with the given (batch,) task ids, KV cache included."""
-        self._set_routing(task_ids)
+    def generate(self, *args, task_ids: Any = None, **kwargs):
+        """``base_model.generate`` with the given (batch,) task ids, KV cache included.
+
+        The ids are expanded here as generate expands the batch: each sequence's id is repeated
+        ``max(num_beams, num_return_sequences)`` times, consecutively.
+        """
+        batch = _batch_size(args, kwargs)
+        expand = _generation_expansion(self.base_model, kwargs)
+        self._set_routing(task_ids, batch)
+        if self.routing_context.task_ids is not None and expand > 1:
+            self.routing_context.task_ids = self.routing_context.task_ids.repeat_interleave(expand)
         self._token_mask = None
         try:
             return self.base_model.generate(*args, **kwargs)
@@ -125,18 +182,32 @@ class MoLoRAModel(nn.Module):
                 layer.disabled = False
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
-        """Enable the base model's gradient checkpointing; inputs require grad so that
-        reentrant checkpointing still reaches the experts behind frozen embeddings."""
+        """Enable the base model's gradient checkpointing, non-reentrant unless asked otherwise.
+
+        Non-reentrant checkpointing keeps the router losses' gradients and is the default on
+        every transformers version. Reentrant checkpointing (``gradient_checkpointing_kwargs=
+        {"use_reentrant": True}``) drops them, so it is refused while a router loss
+        coefficient is > 0. Inputs require grad so that checkpointed blocks behind frozen
+        embeddings still reach the experts. Each block's recomputation replays the task ids of
+        its own forward (:func:`molora.core.routing.replay_routing`).
+        """
+        ckpt_kwargs = dict(kwargs.pop("gradient_checkpointing_kwargs", None) or {"use_reentrant": False})
+        ckpt_kwargs.setdefault("use_reentrant", False)
+        if ckpt_kwargs["use_reentrant"] and self._router_loss_on():
+            raise ValueError(
+                "reentrant gradient checkpointing (use_reentrant=True) drops the gradient of the router "
+                f"losses (router_aux_loss_coef={self.molora_config.router_aux_loss_coef}, router_z_loss_coef="
+                f"{self.molora_config.router_z_loss_coef}); use use_reentrant=False or set both coefficients to 0"
+            )
         # transformers >= 5.x renamed it; the old name still works but warns
         enable = getattr(self.base_model, "activation_checkpointing_enable", None)
         if enable is None:
-            self.base_model.gradient_checkpointing_enable(**kwargs)
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs, **kwargs)
         else:
-            if "gradient_checkpointing_kwargs" in kwargs:
-                kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
-            enable(**kwargs)
+            enable(activation_checkpointing_kwargs=ckpt_kwargs, **kwargs)
         if hasattr(self.base_model, "enable_input_require_grads"):
             self.base_model.enable_input_require_grads()
+        replay_routing(self.base_model, self.routing_context)
 
     # ------------------------------------------------------------------ losses
     def _layer_mask(self, num_tokens: int) -> torch.Tensor | None:
@@ -253,6 +324,24 @@ class MoLoRAModel(nn.Module):
         :func:`molora.merge.from_peft.from_lora_adapters`.
         """
         return from_peft.from_lora_adapters(cls, base_model, paths, config, **kwargs)
+
+
+def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a model call, from its first batched input (None if there is none)."""
+    for key in ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "attention_mask"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    first = args[0] if args else None
+    return first.shape[0] if isinstance(first, torch.Tensor) and first.dim() >= 1 else None
+
+
+def _generation_expansion(base_model: nn.Module, kwargs: dict[str, Any]) -> int:
+    """How many rows ``generate`` makes of each input sequence: max(num_beams, num_return_sequences)."""
+    config = kwargs.get("generation_config") or getattr(base_model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", None)) or 1
+    returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None)) or 1
+    return max(int(beams), int(returned))
 
 
 def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:

@@ -46,3 +46,34 @@ def test_all_problems_are_reported_at_once():
 def test_unknown_keys_are_rejected():
     with pytest.raises(ValueError, match=r"unknown MoLoRAConfig keys \['num_expert'\]"):
         MoLoRAConfig.from_dict({"num_expert": 4})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"use_rslora": "false"}, r"`use_rslora` must be True or False, got 'false' \(str\)"),
+        ({"debug": 1}, r"`debug` must be True or False, got 1 \(int\)"),
+        ({"lora_alpha": float("inf")}, r"`lora_alpha` must be > 0, got inf \(numbers must be finite\)"),
+        ({"router_z_loss_coef": float("nan")}, r"`router_z_loss_coef` must be a number >= 0, got nan"),
+        ({"num_experts": True}, r"`num_experts` must be an int >= 1, got True"),
+        ({"target_modules": "q_proj(("}, r"`target_modules` is not a valid regular expression: 'q_proj\(\('"),
+        ({"normalize_top_k": "yes"}, r"`normalize_top_k` must be None, True or False, got 'yes'"),
+        ({"router": "task", "num_tasks": 2, "task_names": ["x", "x"]}, r"entries 'x' and 'x' collide"),
+        ({"router": "task", "num_tasks": 2, "task_names": ["a b", "a_b"]}, r"entries 'a b' and 'a_b' collide"),
+        ({"router": "task", "num_tasks": 2, "task_names": ["a", "merge_report.json"]}, r"'merge_report.json' is not allowed"),
+        ({"router": "task", "num_tasks": 2, "task_names": ["a", "all"]}, r"'all' is not allowed"),
+        ({"router": "task", "num_tasks": 2, "task_names": ["a", "7"]}, r"'7' is not allowed"),
+    ],
+)
+def test_values_that_used_to_pass_silently(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MoLoRAConfig(**kwargs)
+
+
+def test_a_field_changed_after_construction_is_validated_again():
+    cfg = MoLoRAConfig(router="topk", top_k=2)
+    with pytest.raises(ValueError, match=r"(?s)`top_k` must be in \[1, num_experts=8\], got 99.*change of `top_k` was undone"):
+        cfg.top_k = 99
+    assert cfg.top_k == 2
+    cfg.num_experts = 4  # a valid change is kept
+    assert cfg.num_experts == 4

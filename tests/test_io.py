@@ -1,6 +1,11 @@
 """Save/load: round trips, validation against the base model, corrupt files, atomic writes."""
 
 import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +111,119 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         model.save_pretrained(tmp_path)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert after == before  # no temp files left, old files untouched
+
+
+def _folder_state(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_failure_on_the_second_file_leaves_the_previous_folder(tmp_path, monkeypatch):
+    """Weights were renamed into place before the config was written: a failure between them
+    left new weights with the old config, which loaded silently with wrong outputs."""
+    model = trained()
+    model.save_pretrained(tmp_path / "a")
+    before = _folder_state(tmp_path / "a")
+    with torch.no_grad():
+        next(iter(model.molora_layers().values())).lora_B.add_(1.0)
+    real = molora_io.atomic_write_text
+
+    def fail_on_config(path, text):
+        raise OSError("killed while writing the config")
+
+    monkeypatch.setattr("molora.io.atomic_write_text", fail_on_config)
+    with pytest.raises(OSError, match="killed"):
+        model.save_pretrained(tmp_path / "a")
+    monkeypatch.setattr("molora.io.atomic_write_text", real)
+    assert _folder_state(tmp_path / "a") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temp folder left behind
+
+
+def test_a_kill_between_the_renames_is_recovered(tmp_path, monkeypatch):
+    """The fallback swap (no renameat2) moves the old folder aside first; a kill there is undone."""
+    model = trained()
+    model.save_pretrained(tmp_path / "a")
+    before = _folder_state(tmp_path / "a")
+    monkeypatch.setattr(molora_io, "_exchange", lambda a, b: False)
+    real_rename = molora_io.os.rename
+
+    def rename_then_die(src, dst):
+        real_rename(src, dst)
+        if str(dst).endswith("previous"):
+            raise KeyboardInterrupt  # the process dies right after moving the old folder aside
+
+    monkeypatch.setattr(molora_io.os, "rename", rename_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(tmp_path / "a")
+    monkeypatch.setattr(molora_io.os, "rename", real_rename)
+    assert not (tmp_path / "a").exists()  # what a reader would see without recovery
+    loaded = MoLoRAModel.from_pretrained(tiny_llama(), tmp_path / "a")  # recovers the previous folder
+    assert _folder_state(tmp_path / "a") == before and loaded is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_save_keeps_user_files_and_uses_the_usual_modes(tmp_path):
+    model = trained()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "README.md").write_text("my notes")
+    stale = tmp_path / ".a.molora-tmp-left-by-a-kill"
+    stale.mkdir()
+    old_umask = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "a")
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "a" / "README.md").read_text() == "my notes"
+    assert not stale.exists()  # leftovers of an interrupted save are cleaned by the next one
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
+    for name in ("molora_config.json", "molora_model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == 0o644
+
+
+KILL_SCRIPT = r"""
+import os, random, signal, sys, time, torch
+sys.path.insert(0, sys.argv[2])
+from tiny_models import tiny_llama
+from molora import MoLoRAConfig, MoLoRAModel, get_molora_model
+target, rounds = sys.argv[1], int(sys.argv[3])
+models = []
+for r in (2, 3):
+    cfg = MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, r=r, router="soft")
+    m = get_molora_model(tiny_llama(), cfg)
+    with torch.no_grad():
+        for layer in m.molora_layers().values():
+            layer.lora_B.fill_(float(r))
+    models.append(m)
+models[0].save_pretrained(target)
+rng, checked = random.Random(0), 0
+for _ in range(rounds):
+    child = os.fork()
+    if child == 0:  # save the two adapters in turn until killed
+        i = 1
+        while True:
+            models[i % 2].save_pretrained(target)
+            i += 1
+    time.sleep(rng.uniform(0.01, 0.2))
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    loaded = MoLoRAModel.from_pretrained(tiny_llama(), target)
+    fills = {float(layer.lora_B.flatten()[0]) for layer in loaded.molora_layers().values()}
+    assert fills in ({2.0}, {3.0}) and loaded.molora_config.r == int(fills.pop()), fills
+    checked += 1
+print("consistent", checked)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_kill_at_random_moments_leaves_the_old_or_the_new_adapter(tmp_path):
+    """SIGKILL a process that saves two different adapters in turn; every survivor must load whole
+    (a kill between the two file renames used to leave new weights with the old config)."""
+    script = tmp_path / "saver.py"
+    script.write_text(KILL_SCRIPT)
+    root = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "adapter"), str(Path(__file__).parent), "12"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["consistent", "12"]

@@ -106,3 +106,52 @@ def test_routers_package_never_imports_molora():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not any(n.split(".")[0] == "molora" for n in names), path
+
+
+@pytest.mark.parametrize("router_cls", [SoftRouter, TopKRouter])
+def test_router_logits_are_float32_under_bf16_autocast(router_cls):
+    """Autocast used to round the gate GEMM to bf16: ~1% of tokens picked other top-2 experts."""
+    torch.manual_seed(0)
+    kwargs = {"top_k": 2} if router_cls is TopKRouter else {}
+    router = router_cls(64, num_experts=8, init_std=1.0, **kwargs)
+    x = torch.randn(512, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = router(x)
+    assert out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits, x @ router.weight.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_router_saves_a_bf16_input_not_a_float32_copy():
+    router = SoftRouter(256, num_experts=8)
+    x = torch.randn(64, 256, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        router(x).weights.sum().backward()
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert big and all(t.dtype == torch.bfloat16 for t in big), [(t.dtype, tuple(t.shape)) for t in big]
+    assert x.grad.dtype == torch.bfloat16 and router.weight.grad.dtype == torch.float32
+
+
+def test_top1_router_gets_a_gradient():
+    """A renormalized single gate is always 1: the router learned nothing (3e-6 vs 98 with k=2)."""
+    torch.manual_seed(0)
+    router = TopKRouter(16, num_experts=4, top_k=1, init_std=0.5)
+    x = torch.randn(32, 16)
+    out = router(x)
+    probs = torch.softmax(out.logits, -1)
+    torch.testing.assert_close(out.weights.gather(1, out.indices), probs.gather(1, out.indices))  # raw p
+    (out.weights * torch.randn(32, 4)).sum().backward()
+    assert router.weight.grad.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("normalize, top_k", [(True, 1), (False, 2)])
+def test_normalize_top_k_overrides_the_default(normalize, top_k):
+    torch.manual_seed(0)
+    router = TopKRouter(16, num_experts=4, top_k=top_k, init_std=0.5, normalize_top_k=normalize)
+    task = TaskRouter(num_experts=4, num_tasks=2, top_k=top_k, init_std=0.5, normalize_top_k=normalize)
+    for out in (router(torch.randn(9, 16)), task(None, torch.tensor([0, 1, 1]))):
+        sums = out.weights.sum(-1)
+        if normalize:
+            torch.testing.assert_close(sums, torch.ones_like(sums))
+        else:
+            assert (sums < 1 - 1e-4).all()

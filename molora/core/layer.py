@@ -8,31 +8,19 @@ Wraps ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2, whose weight is stored 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from molora.core.config import lora_scaling
 from molora.core.experts import resolve_impl
+from molora.core.routing import RoutingContext
 from routers import RouterOutput
 
 try:  # transformers' Conv1D (GPT-2 family); optional so the layer also works on plain torch models
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
     Conv1D = None
-
-
-@dataclass
-class RoutingContext:
-    """Per-model routing inputs that are not layer inputs, shared by all its MoLoRA layers.
-
-    The model sets ``task_ids`` (batch,) at every forward/generate; layers expand them to
-    one id per token. They persist until the next call, so that the recomputation of
-    gradient checkpointing (which runs during backward) sees the same task ids.
-    """
-
-    task_ids: torch.Tensor | None = None
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
@@ -120,23 +108,22 @@ class MoLoRALinear(nn.Module):
         self.lora_B.zero_()
 
     def token_task_ids(self, x: torch.Tensor) -> torch.Tensor | None:
-        """(T,) task id of every token of x (..., in), from the model's (batch,) task ids.
+        """(T,) task id of every token of x (batch, ..., in), from the model's (batch,) task ids.
 
-        Handles batch expansion by generation (beams, num_return_sequences), which repeats
-        each sequence consecutively.
+        The ids must match the batch exactly: expansions (beams, returned sequences) are done
+        by ``MoLoRAModel.generate`` on the ids themselves, never guessed here.
         """
         task_ids = self.routing_context.task_ids
         if task_ids is None:
             return None
         batch = x.shape[0] if x.dim() > 1 else 1
-        if batch % task_ids.shape[0]:
+        if task_ids.shape[0] != batch:
             raise ValueError(
-                f"`task_ids` has {task_ids.shape[0]} entries but the layer input has batch size {batch}; "
-                "pass one task id per sequence"
+                f"`task_ids` has {task_ids.shape[0]} entries but the layer input {tuple(x.shape)} has batch "
+                f"size {batch}; pass one task id per sequence"
             )
-        per_sequence = task_ids.to(x.device).repeat_interleave(batch // task_ids.shape[0])  # (batch,)
-        tokens_per_sequence = x[..., 0].numel() // batch
-        return per_sequence.repeat_interleave(tokens_per_sequence)  # (T,)
+        tokens_per_sequence = math.prod(x.shape[1:-1]) if x.dim() > 2 else 1
+        return task_ids.to(x.device).repeat_interleave(tokens_per_sequence)  # (T,)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
