@@ -36,6 +36,7 @@ shapes and is outside these functions.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -99,7 +100,8 @@ def sort_pairs(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     flat_expert = indices.reshape(-1)  # (P,)
     order = torch.argsort(flat_expert, stable=True)  # (P,)
     token = torch.div(order, indices.shape[1], rounding_mode="floor")  # (P,)
-    offs = torch.bincount(flat_expert, minlength=num_experts).cumsum(0).to(torch.int32)  # (N,)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=indices.device)  # (N,), not bincount: no sync
+    offs = counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert)).cumsum(0).to(torch.int32)  # (N,)
     return order, token, offs
 
 
@@ -279,6 +281,38 @@ def grouped_experts(
     return _GroupedLoRA.apply(x.contiguous(), lora_A, lora_B, top_w, order, token, offs, float(scaling), use_kernel)
 
 
+def triton_experts(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Triton kernels (``molora.core.kernels.triton_experts``): sparse routing on the pairs sorted
+    by expert, with x gathered and y accumulated inside the kernels; dense routing as one fused
+    rank-N*r LoRA with the gates applied in registers.
+
+    Raises:
+        ImportError: triton is not installed.
+        RuntimeError: CPU tensors without Triton's interpreter (``TRITON_INTERPRET=1``).
+    """
+    kernels = _triton_module()
+    if indices is None:
+        return kernels.dense_triton(x, lora_A, lora_B, weights, scaling)
+    _, top_w, order, token, offs = _sorted_pairs(weights, indices, lora_A.shape[0], x.shape[0], x.device)
+    return kernels.sparse_triton(x, lora_A, lora_B, top_w, order, token, offs, scaling)
+
+
+def _triton_module():
+    try:
+        return importlib.import_module("molora.core.kernels.triton_experts")
+    except ImportError as err:
+        if err.name not in ("triton", "triton.language"):
+            raise
+        raise ImportError('expert_impl="triton" needs triton: `pip install triton` (or `molora[gpu]`)') from err
+
+
 def grouped_bmm_experts(x, lora_A, lora_B, weights, indices, scaling) -> torch.Tensor:
     """``grouped`` with its padded-bmm fallback forced (for tests and for old torch)."""
     return grouped_experts(x, lora_A, lora_B, weights, indices, scaling, use_kernel=False)
@@ -352,6 +386,7 @@ EXPERT_IMPLS: dict[str, ExpertFn] = {
     "grouped": grouped_experts,
     "grouped_bmm": grouped_bmm_experts,
     "hybrid": hybrid_experts,
+    "triton": triton_experts,
     "auto": auto_experts,
 }
 
