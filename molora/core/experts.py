@@ -308,7 +308,7 @@ def _triton_module():
     try:
         return importlib.import_module("molora.core.kernels.triton_experts")
     except ImportError as err:
-        if err.name not in ("triton", "triton.language"):
+        if "triton" not in (err.name or str(err)):
             raise
         raise ImportError('expert_impl="triton" needs triton: `pip install triton` (or `molora[gpu]`)') from err
 

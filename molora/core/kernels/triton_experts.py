@@ -43,7 +43,7 @@ def _p2(n: int, floor: int = 1) -> int:
 
 def interpreted() -> bool:
     """Whether the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(K.sparse_fwd_kernel).__name__ == "InterpretedFunction"
+    return K.INTERPRETED
 
 
 def _launch(x: torch.Tensor) -> _Launch:

@@ -44,6 +44,9 @@ def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
     return tl.dot(a, b, input_precision=PREC)
 
 
+INTERPRETED = type(_dot).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 when this module was imported
+
+
 @triton.jit
 def _block_rows(pid, offs_ptr, block_end_ptr, num_experts, N_P2: tl.constexpr, BM: tl.constexpr):
     """Expert e of block ``pid`` (num_experts when past the end) and its (BM,) pair rows."""
@@ -283,6 +286,7 @@ def dense_bwd_kernel(
 
 
 __all__ = [
+    "INTERPRETED",
     "dense_bwd_kernel",
     "dense_fwd_kernel",
     "sparse_bwd_pairs_kernel",
