@@ -36,6 +36,7 @@ from molora.apps.bench.report import update_markdown
 EXIT_NO_CUDA = 3
 LAYER_IMPLS = "auto,dense,grouped,grouped_bmm,hybrid,triton"
 TRAIN_VARIANTS = "peft_r,molora_topk,molora_soft,molora_task,mixlora"
+_CLI = [sys.executable, "-m", "molora.apps.cli", "bench"]
 
 
 @dataclass
@@ -72,83 +73,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-cuda", action="store_true", help=f"exit {EXIT_NO_CUDA} when there is no CUDA")
 
 
+def _layer_argv(args: argparse.Namespace) -> list[str]:
+    """``molora bench layer`` in bf16 at the issue's shapes, every path, into the results file."""
+    return [
+        *_CLI, "layer", "--device", "cuda", "--dtype", "bfloat16", "--tokens", str(args.tokens),
+        "--dim", str(args.dim), "--experts", "8", "--rank", "16", "--top-k", "2",
+        "--routers", "topk,soft,task", "--impls", args.impls, "--repeats", "10", "--warmup", "3",
+        "--markdown", args.markdown, "--section", "gpu_layer",
+    ]  # fmt: skip
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """``molora bench train`` in bf16, Llama-shaped (head dim 128), into the results file."""
+    return [
+        *_CLI, "train", "--device", "cuda", "--dtype", "bfloat16", "--hidden", str(args.hidden),
+        "--layers", str(args.layers), "--heads", str(max(1, args.hidden // 128)), "--seq", str(args.seq),
+        "--batch", str(args.batch), "--experts", "8", "--rank", "16", "--top-k", "2",
+        "--variants", args.variants, "--repeats", "5", "--warmup", "2",
+        "--markdown", args.markdown, "--section", "gpu_train",
+    ]  # fmt: skip
+
+
 def plan(args: argparse.Namespace) -> list[Step]:
-    """The subprocesses to run, in order."""
-    cli = [sys.executable, "-m", "molora.apps.cli", "bench"]
+    """The subprocesses to run, in order.
+
+    Raises:
+        ValueError: an unknown name in ``--steps``.
+    """
     steps = {
         "tests": Step("tests", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "tests"], args.step_timeout),
-        "layer": Step(
-            "layer",
-            [
-                *cli,
-                "layer",
-                "--device",
-                "cuda",
-                "--dtype",
-                "bfloat16",
-                "--tokens",
-                str(args.tokens),
-                "--dim",
-                str(args.dim),
-                "--experts",
-                "8",
-                "--rank",
-                "16",
-                "--top-k",
-                "2",
-                "--routers",
-                "topk,soft,task",
-                "--impls",
-                args.impls,
-                "--repeats",
-                "10",
-                "--warmup",
-                "3",
-                "--markdown",
-                args.markdown,
-                "--section",
-                "gpu_layer",
-            ],
-            args.step_timeout,
-        ),  # fmt: skip
-        "train": Step(
-            "train",
-            [
-                *cli,
-                "train",
-                "--device",
-                "cuda",
-                "--dtype",
-                "bfloat16",
-                "--hidden",
-                str(args.hidden),
-                "--layers",
-                str(args.layers),
-                "--heads",
-                str(max(1, args.hidden // 128)),
-                "--seq",
-                str(args.seq),
-                "--batch",
-                str(args.batch),
-                "--experts",
-                "8",
-                "--rank",
-                "16",
-                "--top-k",
-                "2",
-                "--variants",
-                args.variants,
-                "--repeats",
-                "5",
-                "--warmup",
-                "2",
-                "--markdown",
-                args.markdown,
-                "--section",
-                "gpu_train",
-            ],
-            args.step_timeout,
-        ),  # fmt: skip
+        "layer": Step("layer", _layer_argv(args), args.step_timeout),
+        "train": Step("train", _train_argv(args), args.step_timeout),
     }
     wanted = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(steps))
