@@ -53,7 +53,7 @@ def _launch(x: torch.Tensor) -> _Launch:
             "TRITON_INTERPRET=1 before molora's triton kernels are imported, or choose another `expert_impl`"
         )
     fp32_prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    prec = fp32_prec if x.dtype == torch.float32 else "ieee"
+    prec = fp32_prec if x.dtype == torch.float32 else "tf32"  # Triton's default; ignored for bf16/fp16 operands
     if interpreted():  # numpy: fewer, larger blocks run faster; bf16 dots are wrong there (upcast)
         return _Launch(bm=16, bk=64, bn=64, upcast=True, prec="ieee")
     return _Launch(bm=64, bk=64, bn=64, upcast=False, prec=prec)
