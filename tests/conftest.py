@@ -17,6 +17,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # make every test many times slower (55 s vs 1.5 s measured). Export OMP_NUM_THREADS to override.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Without CUDA, Triton kernels can only run under Triton's CPU interpreter, which is chosen when a
+# kernel (triton's own library included) is defined: set it before anything imports triton, so
+# that tests/test_triton_kernels.py checks molora's kernels in-process. With CUDA the variable is
+# left alone and that file runs its interpreter checks in a subprocess.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
 TINY_CONFIG = CONFIGS_DIR / "tiny.yaml"

@@ -11,7 +11,8 @@ import torch
 from molora.core.experts import EXPERT_IMPLS, resolve_impl
 from routers import SoftRouter, TaskRouter, TopKRouter
 
-FAST = sorted(name for name in EXPERT_IMPLS if name != "eager")
+# "triton" runs on CUDA; on CPU only under Triton's interpreter: see test_triton_kernels.py
+FAST = sorted(name for name in EXPERT_IMPLS if name not in ("eager", "triton"))
 IN, OUT, N, R = 24, 40, 4, 8
 
 
@@ -102,7 +103,7 @@ def test_all_tokens_on_one_expert_and_zero_tokens():
     weights[:, 2] = 1.0
     indices = torch.full((5, 1), 2)
     want = x @ A[2].t() @ B[2].t()
-    for impl in EXPERT_IMPLS:
+    for impl in [*FAST, "eager"]:
         torch.testing.assert_close(EXPERT_IMPLS[impl](x, A, B, weights, indices, 1.0), want, rtol=1e-4, atol=1e-4)
         empty = EXPERT_IMPLS[impl](x[:0], A, B, weights[:0], indices[:0], 1.0)
         assert empty.shape == (0, OUT)

@@ -61,7 +61,22 @@ def test_paths_match_eager_bf16_cuda(impl, kind, num_tokens):
 
 
 @pytest.mark.parametrize("use_kernel", [True, False])
-def test_grouped_mm_bf16_cuda(use_kernel):
+def test_grouped_mm_bf16_cuda(use_kernel, monkeypatch):
+    """With use_kernel=True, F.grouped_mm must run and succeed: gmm's padded fallback would
+    otherwise hide a failing kernel behind a correct result."""
+    import torch.nn.functional as F
+
+    calls = []
+    if hasattr(F, "grouped_mm"):
+        real = F.grouped_mm
+
+        def spy(*args, **kwargs):
+            calls.append("called")
+            out = real(*args, **kwargs)  # an exception propagates: recorded as no "ok"
+            calls.append("ok")
+            return out
+
+        monkeypatch.setattr(F, "grouped_mm", spy)
     counts = [37, 0, 5, 130, 1, 0, 64, 19]
     offs = torch.tensor(counts).cumsum(0).to(torch.int32).cuda()
     torch.manual_seed(0)
@@ -80,6 +95,32 @@ def test_grouped_mm_bf16_cuda(use_kernel):
         ref = a[start : start + n].float().t() @ c[start : start + n].float()
         torch.testing.assert_close(wg[g].float(), ref, rtol=2e-2, atol=0.5)
         start += n
+    if use_kernel and hasattr(F, "grouped_mm"):
+        assert calls == ["called", "ok"] * 2, f"F.grouped_mm did not run cleanly: {calls}"
+    else:
+        assert calls == []
+
+
+@pytest.mark.parametrize("kind", ["soft", "top2", "task_top2"])
+def test_triton_matches_eager_bf16_cuda(kind, monkeypatch):
+    """The compiled Triton kernels (not the interpreter) against eager, and they did run."""
+    pytest.importorskip("triton")
+    from molora.core.kernels import triton_kernels
+
+    if triton_kernels.INTERPRETED:
+        pytest.skip("triton kernels were built for the interpreter in this process")
+    launched = []
+    name = "dense_fwd_kernel" if kind == "soft" else "sparse_fwd_kernel"
+    kernel = getattr(triton_kernels, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_kernels, name, Spy())
+    test_paths_match_eager_bf16_cuda("triton", kind, 300)
+    assert launched, f"{name} never launched"
 
 
 def test_layer_bf16_cuda_matches_eager_layer():
@@ -105,12 +146,17 @@ def test_layer_bf16_cuda_matches_eager_layer():
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.03 * float(b.abs().max()) + 1e-4)
 
 
-def test_auto_uses_hybrid_on_cuda_for_thin_experts():
+def test_auto_on_cuda_follows_the_roofline_rules():
+    from molora.core.choose import dense_floor_rank
     from molora.core.experts import choose_impl
 
     x = torch.empty(512, IN, device="cuda", dtype=torch.bfloat16)
     A = torch.empty(N, R, IN, device="cuda", dtype=torch.bfloat16)
     B = torch.empty(N, OUT, R, device="cuda", dtype=torch.bfloat16)
     indices = torch.zeros(512, 2, dtype=torch.long, device="cuda")
-    assert choose_impl(x, A, B, indices) == "hybrid"
+    assert N * R < dense_floor_rank(x.device)
+    assert choose_impl(x, A, B, indices) == "dense"  # N*r = 128: memory-bound, dense at the floor
     assert choose_impl(x, A, B, None) == "dense"
+    wide_A = torch.empty(64, R, IN, device="cuda", dtype=torch.bfloat16)
+    wide_B = torch.empty(64, OUT, R, device="cuda", dtype=torch.bfloat16)
+    assert choose_impl(x, wide_A, wide_B, indices) in ("triton", "grouped", "hybrid")

@@ -20,8 +20,11 @@ the chosen experts of sparse (top-k) routing, ``None`` for dense routing.
 - ``grouped_bmm``: ``grouped`` with the padded-bmm fallback of ``molora.core.kernels.grouped_mm`` forced.
 - ``hybrid``:      sparse routing with a dense down-projection h = x A_cat^T (T, N*r) (x read
                    once, no (T*k, in) gather) and the grouped up-projection of ``grouped``.
-- ``auto``:        ``dense`` for dense routing and tiny T; for sparse routing ``hybrid`` or
-                   ``grouped`` by device and shapes (:func:`auto_experts`).
+- ``triton``:      Triton kernels (``molora.core.kernels.triton_experts``): the pairs sorted by
+                   expert, x gathered and y accumulated inside the kernels (sparse routing); one
+                   fused rank-N*r LoRA with the gates applied in registers (dense routing).
+- ``auto``:        ``dense`` for dense routing and tiny T; for sparse routing ``dense``,
+                   ``triton``, ``hybrid`` or ``grouped`` by device and shapes (:func:`choose_impl`).
 
 Performance notes (profiled on CPU, T=2048, in=out=1024, N=8, r=16, top-2; see
 ``benchmarks/RESULTS.md``): advanced indexing ``x[idx]`` is ~5x slower than
@@ -36,10 +39,12 @@ shapes and is outside these functions.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
 
+from molora.core.choose import choose_impl
 from molora.core.kernels.grouped_mm import gmm, gmm_wgrad
 
 ExpertFn = Callable[..., torch.Tensor]
@@ -99,7 +104,8 @@ def sort_pairs(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     flat_expert = indices.reshape(-1)  # (P,)
     order = torch.argsort(flat_expert, stable=True)  # (P,)
     token = torch.div(order, indices.shape[1], rounding_mode="floor")  # (P,)
-    offs = torch.bincount(flat_expert, minlength=num_experts).cumsum(0).to(torch.int32)  # (N,)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=indices.device)  # (N,), not bincount: no sync
+    offs = counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert)).cumsum(0).to(torch.int32)  # (N,)
     return order, token, offs
 
 
@@ -279,59 +285,41 @@ def grouped_experts(
     return _GroupedLoRA.apply(x.contiguous(), lora_A, lora_B, top_w, order, token, offs, float(scaling), use_kernel)
 
 
+def triton_experts(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Triton kernels (``molora.core.kernels.triton_experts``): sparse routing on the pairs sorted
+    by expert, with x gathered and y accumulated inside the kernels; dense routing as one fused
+    rank-N*r LoRA with the gates applied in registers.
+
+    Raises:
+        ImportError: triton is not installed.
+        RuntimeError: CPU tensors without Triton's interpreter (``TRITON_INTERPRET=1``).
+    """
+    kernels = _triton_module()
+    if indices is None:
+        return kernels.dense_triton(x, lora_A, lora_B, weights, scaling)
+    _, top_w, order, token, offs = _sorted_pairs(weights, indices, lora_A.shape[0], x.shape[0], x.device)
+    return kernels.sparse_triton(x, lora_A, lora_B, top_w, order, token, offs, scaling)
+
+
+def _triton_module():
+    try:
+        return importlib.import_module("molora.core.kernels.triton_experts")
+    except ImportError as err:
+        if "triton" not in (err.name or str(err)):
+            raise
+        raise ImportError('expert_impl="triton" needs triton: `pip install triton` (or `molora[gpu]`)') from err
+
+
 def grouped_bmm_experts(x, lora_A, lora_B, weights, indices, scaling) -> torch.Tensor:
     """``grouped`` with its padded-bmm fallback forced (for tests and for old torch)."""
     return grouped_experts(x, lora_A, lora_B, weights, indices, scaling, use_kernel=False)
-
-
-def prefers_dense(num_tokens: int, num_experts: int, top_k: int) -> bool:
-    """Whether ``dense`` beats the sparse paths for sparse routing with these shapes.
-
-    The sparse paths do k/N of dense's up-projection work but pay a sort, gathers and
-    scatter-adds of (T*k, d) rows and thinner GEMMs; below ~64 token-expert pairs the fixed
-    cost of the sort and the per-expert GEMM calls dominates, and with k > N/2 there is
-    little work to skip.
-    """
-    return num_tokens * top_k < 64 or 2 * top_k > num_experts
-
-
-_HYBRID_MAX_RANK = 256  # N*r up to which one dense down-projection GEMM is still "thin"
-_CPU_FRESH_BUFFER_BYTES = 32 * 2**20  # glibc's largest dynamic mmap threshold
-
-
-def choose_impl(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor | None) -> str:
-    """The name of the path ``auto`` runs for these operands (by routing kind, shapes, device).
-
-    - Dense routing, or :func:`prefers_dense` (tiny T, k > N/2): ``dense``.
-    - Sparse routing with N*r <= 256 on CUDA: ``hybrid``. There the GEMMs of a LoRA are bound
-      by memory traffic, and one dense down-projection reading x once (T*in*N*r FLOPs, tiny
-      for a GPU) moves less data than gathering k copies of x for a grouped GEMM. (Reasoned,
-      not yet measured on a GPU: ``molora bench layer`` on CUDA compares both.)
-    - Same on CPU once a (T*k, d) buffer reaches 32 MiB: glibc then maps every such buffer
-      fresh and page-faults it on first write, which makes the five (T*k, d) temporaries of
-      ``grouped`` cost more than the extra down-projection FLOPs of ``hybrid`` (two such
-      temporaries). Measured at T=4096, d=4096, top-2 of 8, r=16: grouped 1.26x, hybrid 1.12x
-      PEFT LoRA; at T=2048, d=1024 grouped wins (1.15-1.22x vs 1.23-1.33x; RESULTS.md).
-    - On CPU with more than one torch thread and N*r <= 256: ``dense``. Every op is an
-      OpenMP parallel region, and the sparse paths run ~10x more ops (per-expert GEMMs,
-      gathers, scatters); when the cores are shared (other processes), each region can wait
-      a scheduler slice for a descheduled thread. Measured with 2 threads on 2 shared cores
-      (T=2048, d=1024, top-2 of 8), wall clock: in a busy period dense 1.40x, hybrid 3.1x,
-      grouped 4.6x PEFT LoRA; in a calmer one all three within noise (1.5-1.6x). With one
-      thread grouped is 5-10% faster than dense. Dense does N/k times the FLOPs but in six
-      large GEMMs that scale with threads like the base layer's.
-    - Otherwise ``grouped``, whose GEMM work scales with k rather than N.
-    """
-    num_experts, rank = lora_A.shape[:2]
-    if indices is None or prefers_dense(x.shape[0], num_experts, indices.shape[1]):
-        return "dense"
-    if num_experts * rank <= _HYBRID_MAX_RANK:
-        if x.device.type == "cpu" and torch.get_num_threads() > 1:
-            return "dense"
-        pair_bytes = indices.numel() * max(x.shape[1], lora_B.shape[1]) * x.element_size()
-        if x.device.type == "cuda" or pair_bytes >= _CPU_FRESH_BUFFER_BYTES:
-            return "hybrid"
-    return "grouped"
 
 
 def auto_experts(
@@ -352,6 +340,7 @@ EXPERT_IMPLS: dict[str, ExpertFn] = {
     "grouped": grouped_experts,
     "grouped_bmm": grouped_bmm_experts,
     "hybrid": hybrid_experts,
+    "triton": triton_experts,
     "auto": auto_experts,
 }
 

@@ -4,4 +4,4 @@ Submodules are imported on use (``molora.apps.bench.layer``, ``molora.apps.bench
 importing this package stays cheap.
 """
 
-__all__ = ["layer", "train"]
+__all__ = ["gpu", "layer", "train"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from molora.core.log import warn_once
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
@@ -51,6 +53,27 @@ def _use_grouped_mm(a: torch.Tensor, b: torch.Tensor, use_kernel: bool) -> bool:
     return _aligned(a, b)
 
 
+_DEVICE_ERRORS = tuple(
+    cls for cls in (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if cls is not None
+)
+
+
+def _reraise_unless_unsupported(err: RuntimeError, a: torch.Tensor) -> None:
+    """Re-raise ``err`` unless it is ``F.grouped_mm`` rejecting this device or dtype.
+
+    Out-of-memory and device errors (``torch.AcceleratorError``, "CUDA error: ...") are never
+    swallowed: the padded fallback needs more memory and a failed device stays failed. On CPU
+    every error is re-raised (there torch's grouped GEMM accepts whatever ``_aligned`` lets
+    through). What is left falls back to the padded bmm, with one warning per reason.
+    """
+    if a.device.type == "cpu" or isinstance(err, _DEVICE_ERRORS) or "CUDA error" in str(err):
+        raise err
+    warn_once(
+        f"molora: F.grouped_mm rejected {a.dtype} on {a.device.type} ({str(err).splitlines()[0][:200]}); "
+        "using the slower padded-bmm grouped GEMM"
+    )
+
+
 def _row_slots(offs: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(M,) group of each row and (M,) position of each row inside its group."""
     ends = offs.long()
@@ -83,9 +106,8 @@ def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, use_kernel: boo
     if _use_grouped_mm(a, b, use_kernel):
         try:
             return F.grouped_mm(a, b, offs=offs)
-        except RuntimeError:  # a device/dtype this torch's grouped GEMM rejects: padded fallback
-            if a.device.type == "cpu":
-                raise
+        except RuntimeError as err:  # a device/dtype this torch's grouped GEMM rejects: padded fallback
+            _reraise_unless_unsupported(err, a)
     group, slot = _row_slots(offs, num_rows)
     capacity = int(slot.max()) + 1
     out = torch.bmm(_to_padded(a, group, slot, num_groups, capacity), b)  # (G, C, P)
@@ -113,9 +135,8 @@ def gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, use_kerne
     if _use_grouped_mm(a_t, b, use_kernel):
         try:
             return F.grouped_mm(a_t, b, offs=offs)
-        except RuntimeError:  # see gmm
-            if a.device.type == "cpu":
-                raise
+        except RuntimeError as err:  # see gmm
+            _reraise_unless_unsupported(err, a)
     group, slot = _row_slots(offs, num_rows)
     capacity = int(slot.max()) + 1
     pa = _to_padded(a, group, slot, num_groups, capacity)  # (G, C, K)
