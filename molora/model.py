@@ -294,6 +294,37 @@ class MoLoRAModel(nn.Module):
         """Write ``molora_config.json`` and ``molora_model.safetensors`` (atomically)."""
         save_molora(self, save_directory, **kwargs)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload MoLoRA adapter",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload the adapter folder (config + weights, a few MB) to the Hugging Face Hub.
+
+        Only the adapter is uploaded, never the base model (which ``base_model.push_to_hub``
+        would upload whole): the folder written by :meth:`save_pretrained`, through
+        ``huggingface_hub.HfApi.upload_folder``.
+
+        Returns:
+            What ``upload_folder`` returns (the commit info).
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision, create_pr=create_pr
+            )
+
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False) -> MoLoRAModel:
         """Rebuild a saved MoLoRA model on ``base_model``, after checking that they fit.

@@ -227,3 +227,27 @@ def test_kill_at_random_moments_leaves_the_old_or_the_new_adapter(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-2:] == ["consistent", "12"]
+
+
+def test_push_to_hub_uploads_the_adapter_only(monkeypatch):
+    """It used to fall through to the base model's push_to_hub and upload the whole base."""
+    import huggingface_hub
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            uploaded["repo"] = repo_id
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            return "commit"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = trained()
+    monkeypatch.setattr(model.base_model, "push_to_hub", lambda *a, **k: pytest.fail("the base model was uploaded"))
+    assert model.push_to_hub("me/adapter") == "commit"
+    assert uploaded == {"repo": "me/adapter", "files": ["molora_config.json", "molora_model.safetensors"]}
