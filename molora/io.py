@@ -88,9 +88,15 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(meta).__name__}; the checkpoint is corrupt")
     for key in ("config", "modules", "tensors"):
         if key not in meta:
             raise ValueError(f"{config_path} has no {key!r} entry; the checkpoint is corrupt or not a MoLoRA adapter")
+        if not isinstance(meta[key], dict):
+            raise ValueError(
+                f"{config_path}: {key!r} must be a JSON object, got {json.dumps(meta[key])[:60]}; the checkpoint is corrupt"
+            )
     return meta
 
 

@@ -489,3 +489,12 @@ def test_export_and_merge_on_cuda(tmp_path):
     torch.testing.assert_close(_logits(peft_model, ids), expected, atol=1e-4, rtol=1e-4)
     merged = model.merge_and_unload(task=1)
     torch.testing.assert_close(_logits(merged, ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_svd_rank_above_every_exact_rank_is_refused(tmp_path):
+    """rank=2,000,000 used to write a 1.7 GB zero-padded adapter."""
+    model = get_molora_model(tiny_llama(), MoLoRAConfig(target_modules=["q_proj"], num_experts=2, r=2, router="soft"))
+    with pytest.raises(ValueError, match=r"`rank`=2000000 is above the largest exact rank of any layer \(4 = "):
+        model.export_merged_adapter(tmp_path / "x", method="svd", rank=2_000_000)
+    assert not (tmp_path / "x").exists()
+    model.export_merged_adapter(tmp_path / "ok", method="svd", rank=4)  # the exact rank itself is allowed

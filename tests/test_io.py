@@ -251,3 +251,13 @@ def test_push_to_hub_uploads_the_adapter_only(monkeypatch):
     monkeypatch.setattr(model.base_model, "push_to_hub", lambda *a, **k: pytest.fail("the base model was uploaded"))
     assert model.push_to_hub("me/adapter") == "commit"
     assert uploaded == {"repo": "me/adapter", "files": ["molora_config.json", "molora_model.safetensors"]}
+
+
+@pytest.mark.parametrize("key", ["config", "modules", "tensors"])
+def test_null_entries_in_the_metadata_name_the_entry(tmp_path, key):
+    trained().save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "molora_config.json").read_text())
+    meta[key] = None
+    (tmp_path / "molora_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"'{key}' must be a JSON object, got null; the checkpoint is corrupt"):
+        MoLoRAModel.from_pretrained(tiny_llama(), tmp_path)

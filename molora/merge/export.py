@@ -218,6 +218,19 @@ def _export_one(
     return report
 
 
+def _check_svd_rank(model: nn.Module, rank: Any) -> None:
+    """An SVD rank above every layer's exact rank would only add zero padding: refuse it."""
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        return
+    layers = _molora_layers(model).values()
+    exact = max(min(l.num_experts * l.r, l.in_features, l.out_features) for l in layers)
+    if rank > exact:
+        raise ValueError(
+            f"`rank`={rank} is above the largest exact rank of any layer ({exact} = min(num_experts * r, in, out)); "
+            f"an SVD export above it only adds zero padding. Use rank <= {exact}, or method='cat' (exact)."
+        )
+
+
 def _folder_name(model: nn.Module, tid: Any) -> str:
     """The task's name (``config.task_names``, or a by-task gates key that is a name), else task_<id>."""
     names = _task_names(model)
@@ -280,6 +293,7 @@ def export_merged_adapter(
         raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
     if method == "cat" and rank is not None:
         raise ValueError(f"`rank` applies to method='svd' only (cat is exact), got rank={rank}")
+    _check_svd_rank(model, rank)
     path = Path(path)
     if task == "all":
         tasks = _all_tasks(model, weights)
