@@ -209,7 +209,7 @@ def _train_steps(run: _Run) -> None:
             bar.set_postfix(loss=f"{run.last_loss:.4f}")
         if t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps:
             run.last_eval = _run_eval(run)
-        if t.save_every and run.step % t.save_every == 0 and run.step < t.max_steps:
+        if t.save_every and (run.step % t.save_every == 0 or run.step == t.max_steps):  # the last step too: resumable
             save_checkpoint(
                 run.accelerator,
                 run.model,

@@ -107,12 +107,12 @@ def load_base_model(name_or_path: str) -> Any:
 
 def _last_eval_routing(metrics: Path) -> dict[str, dict] | None:
     """``routing`` of the last eval record of a training run's metrics.jsonl, if any."""
+    from molora.training.metrics import read_metrics
+
     routing = None
-    for line in metrics.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if record.get("type") == "eval" and record.get("routing"):
-                routing = record["routing"]
+    for record in read_metrics(metrics):
+        if record.get("type") == "eval" and record.get("routing"):
+            routing = record["routing"]
     return routing
 
 
