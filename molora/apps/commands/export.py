@@ -20,7 +20,6 @@ given, and uniform weights otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
