@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Iterator
@@ -178,7 +179,8 @@ def load_checkpoint_model(base: torch.nn.Module, ckpt: Path, config: MoLoRAConfi
     Raises:
         ValueError: the checkpoint's molora config differs from ``config``.
     """
-    model = MoLoRAModel.from_pretrained(base, ckpt / "adapter", is_trainable=True)
+    with _reading(ckpt / "adapter"):
+        model = MoLoRAModel.from_pretrained(base, ckpt / "adapter", is_trainable=True)
     saved, wanted = model.molora_config.to_dict(), config.to_dict()
     if saved != wanted:
         raise ValueError(
@@ -206,16 +208,22 @@ def load_training_state(
     Raises:
         ValueError: the checkpoint is already at ``max_steps`` or beyond.
     """
-    state = json.loads((ckpt / STATE).read_text())
+    with _reading(ckpt / STATE):
+        state = json.loads((ckpt / STATE).read_text())
+        state = {k: state[k] for k in ("step", "micro_step", "world_size", "batch_size")}
     if state["world_size"] != accelerator.num_processes or state["batch_size"] != batch_size:
         accelerator.print(
             f"warning: resuming with another world size / batch size than {ckpt}: the data order differs from an uninterrupted run"
         )
-    optimizer.load_state_dict(torch.load(ckpt / _optimizer_file(accelerator), weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    optimizer_file = ckpt / _optimizer_file(accelerator)
+    with _reading(optimizer_file):
+        optimizer.load_state_dict(torch.load(optimizer_file, weights_only=True, map_location="cpu"))
+    with _reading(ckpt / "scheduler.pt"):
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng_file = ckpt / f"rng_rank{accelerator.process_index}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        with _reading(rng_file):
+            _set_rng_state(torch.load(rng_file, weights_only=True))
     step, micro = state["step"], state["micro_step"]
     if step >= max_steps:
         raise ValueError(
@@ -223,6 +231,21 @@ def load_training_state(
         )
     accelerator.print(f"resumed from {ckpt} at step {step}")
     return step, micro
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn the errors of a damaged checkpoint file (truncated or corrupt, missing keys) into
+    one ValueError naming it; a missing file stays a FileNotFoundError."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--resume: the checkpoint is incomplete: {e}") from e
+    except (RuntimeError, OSError, EOFError, KeyError, TypeError, pickle.UnpicklingError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"--resume: {str(path)!r} is damaged ({type(e).__name__}: {str(e)[:200]}); "
+            "resume from an earlier checkpoint with --resume-from"
+        ) from e
 
 
 def _dict_diff(a: dict, b: dict) -> dict:
