@@ -173,3 +173,33 @@ def test_export_over_a_previous_export_keeps_the_users_files(run4, tmp_path):
     assert (out / "README.md").read_text() == "my notes\n" and (out / "eval" / "scores.txt").read_text() == "0.9\n"
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_export_of_a_token_routed_model_says_routing_is_approximated(run4, tmp_path, capsys):
+    assert main(["export", str(run4), "--out", str(tmp_path / "m"), "--weights", "measured", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "max rel. error 0.000e+00 (of the factorization of the static merge)" in out
+    assert "router='topk'" in out and "only approximate token routing" in out
+
+
+def test_task_router_export_of_one_task_has_no_routing_note():
+    from molora.apps.commands.export import routing_note
+
+    assert routing_note("task", 0) is None
+    assert "approximate" in routing_note("soft", None) and "approximate" in routing_note("topk", 1)
+
+
+def test_export_names_a_weights_file_that_is_not_json(run4, tmp_path, capsys):
+    bad = tmp_path / "gates.json"
+    bad.write_text("not json")
+    assert main(["export", str(run4), "--out", str(tmp_path / "o"), "--weights", str(bad), "--no-progress"]) == 2
+    assert f"--weights {str(bad)!r} is not a readable gates file" in capsys.readouterr().err
+
+
+def test_export_names_a_null_config_entry(run4, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run4 / "final", adapter)
+    meta = json.loads((adapter / "molora_config.json").read_text())
+    (adapter / "molora_config.json").write_text(json.dumps({**meta, "config": None}))
+    assert main(["export", str(adapter), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "molora_config.json: 'config' must be a JSON object, got null" in capsys.readouterr().err
