@@ -23,8 +23,14 @@ def make_batch(task: int, batch: int = 8, length: int = 24) -> dict:
 def main(steps: int = 80) -> float:
     """Train, save, reload, generate; returns the max |logit difference| of the reloaded model (0)."""
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=32)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=32,
+    )
     base = AutoModelForCausalLM.from_config(config)
     # A random base exists nowhere else: keep its weights to reload the adapter onto the same base.
     # (With a pretrained base, `AutoModelForCausalLM.from_pretrained(name)` gives them back.)
@@ -32,7 +38,12 @@ def main(steps: int = 80) -> float:
 
     cfg = MoLoRAConfig(
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        num_experts=4, r=8, lora_alpha=16, router="task", num_tasks=2, top_k=2,
+        num_experts=4,
+        r=8,
+        lora_alpha=16,
+        router="task",
+        num_tasks=2,
+        top_k=2,
         modules_to_save=["embed_tokens", "lm_head"],  # a random base needs trainable embeddings too
     )
     model = get_molora_model(base, cfg)
@@ -59,11 +70,21 @@ def main(steps: int = 80) -> float:
     task_ids = torch.tensor([0, 1])
     model.eval()
     with torch.no_grad():
-        diff = (model(input_ids=prompt, task_ids=task_ids).logits
-                - reloaded(input_ids=prompt, task_ids=task_ids).logits).abs().max().item()
+        diff = (
+            (model(input_ids=prompt, task_ids=task_ids).logits - reloaded(input_ids=prompt, task_ids=task_ids).logits)
+            .abs()
+            .max()
+            .item()
+        )
     print(f"reloaded model: max |logit difference| to the trained one {diff:.2e}")
-    generated = reloaded.generate(prompt, task_ids=task_ids, max_new_tokens=6, do_sample=False,
-                                  attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    generated = reloaded.generate(
+        prompt,
+        task_ids=task_ids,
+        max_new_tokens=6,
+        do_sample=False,
+        attention_mask=torch.ones_like(prompt),
+        pad_token_id=0,
+    )
     print("task 0 continues", prompt[0].tolist(), "->", generated[0, 4:].tolist())
     print("task 1 continues", prompt[1].tolist(), "->", generated[1, 4:].tolist())
     return diff

@@ -203,3 +203,35 @@ def test_export_names_a_null_config_entry(run4, tmp_path, capsys):
     (adapter / "molora_config.json").write_text(json.dumps({**meta, "config": None}))
     assert main(["export", str(adapter), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "molora_config.json: 'config' must be a JSON object, got null" in capsys.readouterr().err
+
+
+def test_routing_plot_shows_gate_weights_for_dense_routers_and_load_for_sparse():
+    from molora.apps.plots import routing_quantity
+
+    dense = {"l0": {"load": [1.0, 1.0], "gates": [0.7, 0.3]}}
+    sparse = {"l0": {"load": [1.5, 0.5], "gates": [0.7, 0.3]}}
+    assert routing_quantity("soft", dense) == ("gates", "mean gate weight per token")
+    assert routing_quantity("task", dense)[0] == "gates" and routing_quantity(None, dense)[0] == "gates"
+    assert routing_quantity("topk", sparse)[0] == "load" and routing_quantity(None, sparse)[0] == "load"
+
+
+def test_inspect_plots_mean_gate_weight_of_a_soft_router(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from molora.apps import plots
+
+    seen = {}
+    real = plots.plot_routing
+
+    def spy(routing, path, *, title="", router=None):
+        seen.update(router=router, title=title)
+        return real(routing, path, title=title, router=router)
+
+    monkeypatch.setattr(plots, "plot_routing", spy)
+    run = tmp_path / "soft"
+    run.mkdir()
+    record = {"type": "eval", "step": 1, "tasks": {"a": {"loss": 1.0, "accuracy": 0.5, "examples": 2, "tokens": 4}}}
+    record["routing"] = {"a": {"l0": {"load": [1.0, 1.0], "gates": [0.9, 0.1], "tokens": 4}}}
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    (run / "run_config.yaml").write_text("molora:\n  router: soft\n")
+    assert main(["inspect", str(run)]) == 0
+    assert seen["router"] == "soft" and "mean gate weight" in seen["title"]

@@ -93,6 +93,18 @@ def summarize(run_dir: Path, records: list[dict[str, Any]], eval_record: dict[st
     return "\n".join(lines)
 
 
+def _router(run_dir: Path) -> str | None:
+    """The run's router, from summary.json or run_config.yaml (None: unknown)."""
+    import yaml
+
+    try:
+        if (run_dir / "summary.json").is_file():
+            return json.loads((run_dir / "summary.json").read_text()).get("router")
+        return (yaml.safe_load((run_dir / "run_config.yaml").read_text()) or {}).get("molora", {}).get("router")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     try:
@@ -124,8 +136,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     written = [plots.plot_metrics(records, run_dir / "metrics.png", title=run_dir.name)]
     if eval_record is not None and eval_record.get("routing"):
-        title = f"{run_dir.name}: expert load per task and layer (eval at step {eval_record['step']})"
-        written.append(plots.plot_routing(eval_record["routing"], run_dir / "routing.png", title=title))
+        router = _router(run_dir)
+        first = next(iter(eval_record["routing"].values()))
+        _, label = plots.routing_quantity(router, first)
+        title = f"{run_dir.name}: {label} per task and layer (eval at step {eval_record['step']})"
+        written.append(plots.plot_routing(eval_record["routing"], run_dir / "routing.png", title=title, router=router))
     for path in written:
         print(f"wrote {path}")
     return 0
