@@ -12,7 +12,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_gate_grid", "plot_metrics", "plot_routing", "require_matplotlib", "short_layer_name"]
+__all__ = [
+    "DENSE_ROUTERS",
+    "plot_gate_grid",
+    "plot_metrics",
+    "plot_routing",
+    "require_matplotlib",
+    "routing_quantity",
+    "short_layer_name",
+]
 
 MATPLOTLIB_HINT = "matplotlib is not installed; install it with `pip install 'molora[plot]'` (or `pip install matplotlib`) to write plots"
 
@@ -41,14 +49,47 @@ def short_layer_name(name: str) -> str:
     return name
 
 
-def plot_routing(routing: dict[str, dict[str, dict[str, Any]]], path: str | os.PathLike, *, title: str = "") -> Path:
-    """Heatmap of expert load (fraction of tokens routed to each expert) per task and layer.
+DENSE_ROUTERS = ("soft", "task")  # every token uses every expert: the load is all ones
+
+
+def routing_quantity(router: str | None, stats: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """Which routing statistic shows a router's preferences, and its colorbar label.
+
+    Dense routers (soft, task) send every token to every expert, so the share of tokens that
+    pick an expert is always 1: their mean gate weight is plotted. Sparse routers (topk, topp)
+    show their load, the share of tokens routed to each expert. Without a router name, a load
+    of all ones marks a dense router.
 
     Args:
-        routing: ``{task: {layer: {"load": [N], ...}}}``, as in an eval record of
+        router: ``MoLoRAConfig.router``, or None when unknown.
+        stats: ``{layer: {"load": [N], "gates": [N], ...}}`` of one task.
+
+    Returns:
+        ``(key, label)``: ``"gates"`` or ``"load"``, and the colorbar label.
+    """
+    loads = [x for s in stats.values() for x in s["load"]]
+    dense = router in DENSE_ROUTERS if router else bool(loads) and all(abs(x - 1) < 1e-6 for x in loads)
+    if dense and all("gates" in s for s in stats.values()):
+        return "gates", "mean gate weight per token"
+    return "load", "fraction of tokens routed to the expert (load)"
+
+
+def plot_routing(
+    routing: dict[str, dict[str, dict[str, Any]]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    router: str | None = None,
+) -> Path:
+    """Heatmap per task and layer of what the router prefers (:func:`routing_quantity`): the
+    mean gate weight for dense routers, the load for sparse ones; the colorbar says which.
+
+    Args:
+        routing: ``{task: {layer: {"load": [N], "gates": [N], ...}}}``, as in an eval record of
             ``metrics.jsonl``.
         path: the PNG to write.
         title: figure title.
+        router: the model's router (None: guessed from the load).
 
     Returns:
         The written path.
@@ -59,9 +100,10 @@ def plot_routing(routing: dict[str, dict[str, dict[str, Any]]], path: str | os.P
     tasks = list(routing)
     if not tasks:
         raise ValueError("`routing` is empty: the run has no eval routing statistics")
+    key, label = routing_quantity(router, routing[tasks[0]])
     layers = list(routing[tasks[0]])
-    n_exp = len(routing[tasks[0]][layers[0]]["load"])
-    grids = [np.array([routing[t][layer]["load"] for layer in layers]) for t in tasks]  # (L, N) per task
+    n_exp = len(routing[tasks[0]][layers[0]][key])
+    grids = [np.array([routing[t][layer][key] for layer in layers]) for t in tasks]  # (L, N) per task
     vmax = max(float(g.max()) for g in grids) or 1.0
     height = min(2 + 0.22 * len(layers), 40)
     fig, axes = plt.subplots(
@@ -75,8 +117,8 @@ def plot_routing(routing: dict[str, dict[str, dict[str, Any]]], path: str | os.P
         ax.set_xticks(range(n_exp))
     axes[0][0].set_yticks(range(len(layers)))
     axes[0][0].set_yticklabels([short_layer_name(layer) for layer in layers], fontsize=6)
-    fig.colorbar(image, ax=axes[0].tolist(), label="fraction of tokens routed")
-    fig.suptitle(title or "expert load per task and layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label=label)
+    fig.suptitle(title or f"{label} per task and layer")
     return _save(fig, plt, path)
 
 

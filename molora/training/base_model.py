@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from molora.atomic import atomic_directory
 from molora.training.run_config import RunConfig
 
-__all__ = ["BASE_MODEL_DIR", "keep_base_with_run", "load_base_model"]
+__all__ = ["BASE_MODEL_DIR", "check_vocab", "keep_base_with_run", "load_base_model"]
 
 BASE_MODEL_DIR = "base_model"
 
@@ -42,8 +43,7 @@ def load_base_model(config: RunConfig, tokenizer) -> torch.nn.Module:
         kwargs["attn_implementation"] = m.attn_implementation
     dtype = None if m.dtype == "auto" else getattr(torch, m.dtype)
     if m.from_config is not None:
-        cfg = dict(m.from_config)
-        hf_config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg, **kwargs)
+        hf_config = _config_from_dict(dict(m.from_config), kwargs)
         model = auto.from_config(hf_config, dtype=dtype or torch.float32)
     else:
         model = auto.from_pretrained(
@@ -52,6 +52,43 @@ def load_base_model(config: RunConfig, tokenizer) -> torch.nn.Module:
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last token with it
     return model
+
+
+def _config_from_dict(cfg: dict[str, Any], kwargs: dict[str, Any]):
+    """``AutoConfig.for_model`` of ``model.from_config``.
+
+    Raises:
+        ValueError: no or an unknown ``model_type`` (with the closest known ones).
+    """
+    import difflib
+
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = cfg.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        hint = f"; did you mean {close}?" if close else " (e.g. llama, mistral, qwen2, gpt2)"
+        raise ValueError(f"model.from_config.model_type={model_type!r} is not a transformers model type{hint}")
+    return AutoConfig.for_model(model_type, **cfg, **kwargs)
+
+
+def check_vocab(model: torch.nn.Module, tokenizer, config: RunConfig) -> None:
+    """A model built from config has an embedding row for every token id the tokenizer makes
+    (a pretrained model is not checked: its tokenizer may count tokens the data never uses).
+
+    Raises:
+        ValueError: ``model.from_config.vocab_size`` is smaller than the tokenizer.
+    """
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if config.model.from_config is None or rows is None or len(tokenizer) <= rows:
+        return
+    field = "model.from_config.vocab_size"
+    raise ValueError(
+        f"{field}={rows} is smaller than the tokenizer's {len(tokenizer)} tokens "
+        f"(model.tokenizer={config.model.tokenizer or config.model.name_or_path!r}): ids >= {rows} have no embedding; "
+        f"set {field} >= {len(tokenizer)}"
+    )
 
 
 def keep_base_with_run(base: torch.nn.Module, output_dir: Path, *, resuming: bool, main: bool) -> torch.nn.Module:
@@ -75,5 +112,16 @@ def keep_base_with_run(base: torch.nn.Module, output_dir: Path, *, resuming: boo
     elif main:
         with atomic_directory(base_dir) as tmp:
             base.save_pretrained(tmp)
+            _usual_modes(tmp)
     base.config.name_or_path = str(base_dir)
     return base
+
+
+def _usual_modes(folder: Path) -> None:
+    """The usual file modes (0644 under the umask) for what ``save_pretrained`` wrote: its
+    safetensors writer creates files 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~mask)

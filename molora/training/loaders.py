@@ -10,7 +10,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from molora.training.data import load_task_datasets, mix_tasks, tokenize_causal_lm, tokenize_classification
+from molora.training.data import (
+    IGNORE_INDEX,
+    load_task_datasets,
+    mix_tasks,
+    tokenize_causal_lm,
+    tokenize_classification,
+)
 from molora.training.run_config import RunConfig, TaskSpec, TrainSection
 
 __all__ = ["EpochSampler", "build_datasets", "build_loaders", "check_files"]
@@ -32,7 +38,32 @@ def check_files(config: RunConfig) -> None:
         raise FileNotFoundError("data files not found: " + ", ".join(missing))
 
 
-def _tokenize(ds, spec: TaskSpec, config: RunConfig, tokenizer):
+def _tokenize(ds, spec: TaskSpec, config: RunConfig, tokenizer, *, where: str):
+    """One task's examples tokenized and checked (``where`` names the file in errors).
+
+    Raises:
+        ValueError: a bad row (naming the file and row), or no supervised token at all.
+    """
+    try:
+        ds = _tokenize_columns(ds, spec, config, tokenizer)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    if len(ds) == 0:
+        raise ValueError(f"{where}: no examples")
+    if config.model.task_type == "causal_lm" and not _has_target(ds["labels"]):
+        raise ValueError(
+            f"{where}: no example keeps a supervised token: every response is cut off by "
+            f"data.max_length={config.data.max_length} (or is empty); raise data.max_length or shorten the prompts"
+        )
+    return ds
+
+
+def _has_target(labels: list[list[int]]) -> bool:
+    """Whether any example has a supervised next-token target (label != -100 after the first position)."""
+    return any(y != IGNORE_INDEX for row in labels for y in row[1:])
+
+
+def _tokenize_columns(ds, spec: TaskSpec, config: RunConfig, tokenizer):
     """One task's examples tokenized for the model's task type, with its columns (the task's, or the data section's)."""
     d = config.data
     if config.model.task_type == "causal_lm":
@@ -65,7 +96,10 @@ def build_datasets(config: RunConfig, tokenizer):
     """
     tasks, d = config.data.tasks, config.data
     raw, task_to_id = load_task_datasets({n: s.train for n, s in tasks.items()}, cache_dir=d.cache_dir)
-    tokenized = {n: _tokenize(raw[n], tasks[n], config, tokenizer) for n in tasks}
+    tokenized = {
+        n: _tokenize(raw[n], tasks[n], config, tokenizer, where=f"data.tasks.{n}.train={tasks[n].train!r}")
+        for n in tasks
+    }
     mixed = mix_tasks(
         tokenized,
         strategy=d.mixing,
@@ -79,7 +113,7 @@ def build_datasets(config: RunConfig, tokenizer):
         if spec.eval is None:
             continue
         ds, _ = load_task_datasets({name: spec.eval}, cache_dir=d.cache_dir)
-        ds = _tokenize(ds[name], spec, config, tokenizer)
+        ds = _tokenize(ds[name], spec, config, tokenizer, where=f"data.tasks.{name}.eval={spec.eval!r}")
         if d.max_eval_examples is not None:
             ds = ds.select(range(min(d.max_eval_examples, len(ds))))
         evals[name] = ds.add_column("task_ids", [task_to_id[name]] * len(ds))

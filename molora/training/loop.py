@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from molora.atomic import atomic_write_text
 from molora.model import MoLoRAModel, get_molora_model
-from molora.training.base_model import keep_base_with_run, load_base_model
+from molora.training.base_model import check_vocab, keep_base_with_run, load_base_model
 from molora.training.checkpoints import load_checkpoint_model, load_training_state, save_adapter, save_checkpoint
 from molora.training.data import MultitaskCollator
 from molora.training.distributed import is_sharded, make_accelerator
@@ -41,6 +41,7 @@ from molora.training.evaluation import evaluate
 from molora.training.export import export_per_task
 from molora.training.loaders import build_datasets, build_loaders, check_files
 from molora.training.metrics import MetricsLog
+from molora.training.objective import count_targets, micro_batch_loss
 from molora.training.optim import build_optimizer
 from molora.training.run_config import RunConfig
 from molora.training.run_dir import EXPORT, FINAL, METRICS, RUN_CONFIG, SUMMARY, check_fresh, resolve_resume
@@ -126,6 +127,7 @@ def _start_run_dir(accelerator, config: RunConfig, output_dir: Path, resume) -> 
 def _build_model(config: RunConfig, tokenizer, output_dir: Path, *, ckpt: Path | None, main: bool) -> MoLoRAModel:
     """The base model wrapped with MoLoRA: the checkpoint's adapter when resuming, else a fresh one."""
     base = load_base_model(config, tokenizer)
+    check_vocab(base, tokenizer, config)
     if config.model.from_config is not None:
         base = keep_base_with_run(base, output_dir, resuming=ckpt is not None, main=main)
     if ckpt is not None:
@@ -198,7 +200,7 @@ def _train_steps(run: _Run) -> None:
     )
     run.started = time.time()
     run.model.train()
-    window, window_steps = torch.zeros(2, device=run.accelerator.device), 0  # summed loss, aux since the last log
+    window, window_steps = torch.zeros(4, device=run.accelerator.device), 0  # see _optimizer_step, since the last log
     while run.step < t.max_steps:
         lrs = _optimizer_step(run, stream, window)
         run.step, window_steps = run.step + 1, window_steps + 1
@@ -206,10 +208,11 @@ def _train_steps(run: _Run) -> None:
         if run.step % t.log_every == 0 or run.step == t.max_steps:
             _log_train(run, window, window_steps, lrs)
             window_steps = 0
-            bar.set_postfix(loss=f"{run.last_loss:.4f}")
+            if run.last_loss is not None:
+                bar.set_postfix(loss=f"{run.last_loss:.4f}")
         if t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps:
             run.last_eval = _run_eval(run)
-        if t.save_every and run.step % t.save_every == 0 and run.step < t.max_steps:
+        if t.save_every and (run.step % t.save_every == 0 or run.step == t.max_steps):  # the last step too: resumable
             save_checkpoint(
                 run.accelerator,
                 run.model,
@@ -225,20 +228,26 @@ def _train_steps(run: _Run) -> None:
 def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]:
     """``grad_accum`` micro-batches, then one optimizer and scheduler step.
 
-    Adds this step's loss and router aux loss to ``window`` (2,). Returns the lr of each
+    The loss is weighted per optimizer step (:mod:`molora.training.objective`): a micro-batch
+    without a supervised target contributes nothing. Adds this step's statistics to ``window``
+    (4,): summed cross-entropy, targets, router loss, aux loss. Returns the lr of each
     parameter group for this step.
     """
     t, accelerator, model = run.config.train, run.accelerator, run.model
-    for k in range(t.grad_accum):
-        batch = next(stream)
-        run.micro += 1
+    causal = run.config.model.task_type == "causal_lm"
+    batches = [next(stream) for _ in range(t.grad_accum)]
+    run.micro += t.grad_accum
+    step_targets = torch.stack([count_targets(b["labels"], causal=causal) for b in batches]).sum()
+    for k, batch in enumerate(batches):
         # gradients are all-reduced on the last micro-batch only
         sync = contextlib.nullcontext() if k == t.grad_accum - 1 else accelerator.no_sync(model)
         with sync:
-            out = model(**batch)
-            accelerator.backward(out.loss / t.grad_accum)
-        window[0] += out.loss.detach().float() / t.grad_accum
-        window[1] += run.inner.aux_loss().detach().float() / t.grad_accum
+            loss, stats = micro_batch_loss(
+                model, run.inner, batch, causal=causal, step_targets=step_targets, grad_accum=t.grad_accum
+            )
+            accelerator.backward(loss)
+        window[:3] += stats.to(window.device, window.dtype)
+        window[3] += run.inner.aux_loss().detach().float() / t.grad_accum
     if t.max_grad_norm is not None:
         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
     lrs = {f"lr_{g['name']}": g["lr"] for g in run.optimizer.param_groups}  # the lr of this step
@@ -249,17 +258,24 @@ def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]
 
 
 def _log_train(run: _Run, window: torch.Tensor, window_steps: int, lrs: dict[str, float]) -> None:
-    """Log the mean loss and aux loss (over steps and processes) since the last log; reset ``window``."""
-    loss, aux = (run.accelerator.reduce(window, reduction="mean") / window_steps).tolist()
+    """Log the loss (cross-entropy per supervised target plus the router losses) and aux loss
+    since the last log, over steps and processes; reset ``window``.
+
+    A window without a supervised target logs ``loss: null`` (never a NaN or a 0 on no token).
+    """
+    ce_sum, targets, router, aux = run.accelerator.reduce(window, reduction="sum").tolist()
+    processes = run.accelerator.num_processes
     window.zero_()
-    run.last_loss = loss
+    loss = ce_sum / targets + router / (window_steps * processes) if targets > 0 else None
+    run.last_loss = loss if loss is not None else run.last_loss
     epoch = run.micro / len(run.train_loader)
     run.log.write(
         {
             "type": "train",
             "step": run.step,
             "loss": loss,
-            "aux_loss": aux,
+            "targets": int(targets),
+            "aux_loss": aux / (window_steps * processes),
             **lrs,
             "epoch": epoch,
             "time": time.time() - run.started,

@@ -1,16 +1,52 @@
 """The metrics log of a training run, ``metrics.jsonl``: one JSON object per line,
 ``{"type": "train", "step", "loss", "aux_loss", "lr_<group>", "epoch", "time"}`` and
 ``{"type": "eval", "step", "tasks": {task: {"loss", "accuracy", "examples", "tokens"}},
-"routing": {task: {layer: {"load": [N], "gates": [N], "tokens"}}}}``."""
+"routing": {task: {layer: {"load": [N], "gates": [N], "tokens"}}}}``.
+
+A run killed while appending leaves a partial last line: :func:`read_metrics` drops it (and
+``--resume`` rewrites the log without it); a bad line anywhere else is an error naming it.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLog"]
+from molora.atomic import atomic_write_text
+
+__all__ = ["MetricsLog", "read_metrics"]
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, tolerating a partial last line (a kill mid-write).
+
+    Args:
+        path: the ``metrics.jsonl`` file.
+
+    Returns:
+        The parsed records, in order; a last line that is not a JSON object is dropped.
+
+    Raises:
+        ValueError: a line other than the last is not a JSON object (named by file and line).
+    """
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break  # the partial last line of an interrupted write
+            raise ValueError(f"{path}:{number}: not a JSON record ({e.msg})") from e
+        if not isinstance(record, dict):
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
 
 
 class MetricsLog:
@@ -20,7 +56,8 @@ class MetricsLog:
         path: the ``metrics.jsonl`` file.
         enabled: whether this process writes (the main process).
         keep_until: resuming from this step: keep the records up to it and drop what the
-            interrupted run logged after its checkpoint. None: a fresh run, start empty.
+            interrupted run logged after its checkpoint (and a partial last line).
+            None: a fresh run, start empty.
     """
 
     def __init__(self, path: Path, enabled: bool, *, keep_until: int | None):
@@ -30,15 +67,8 @@ class MetricsLog:
         if keep_until is None:
             path.unlink(missing_ok=True)
         elif path.exists():
-            # Resuming: drop what the interrupted run logged after the checkpoint, atomically.
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= keep_until
-            ]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            kept = [r for r in read_metrics(path) if r.get("step", 0) <= keep_until]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line (no-op on other processes)."""

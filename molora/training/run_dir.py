@@ -5,6 +5,7 @@ files with an earlier run's; ``--resume`` finds a complete checkpoint)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ __all__ = [
     "SUMMARY",
     "check_fresh",
     "checkpoint_dirs",
+    "checkpoint_step",
     "resolve_resume",
 ]
 
@@ -29,14 +31,26 @@ FINAL = "final"
 EXPORT = "export"
 SUMMARY = "summary.json"
 
+_STEP_DIR = re.compile(r"step_(\d+)")  # a complete checkpoint's name; temp and hidden folders do not match
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint folder name (``step_0000015`` -> 15); None for any other name
+    (``step_0000015.tmp``, hidden temporary folders of an interrupted save)."""
+    match = _STEP_DIR.fullmatch(name)
+    return int(match.group(1)) if match else None
+
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (with a trainer state) in ``output_dir``, oldest first."""
+    """Complete checkpoints (with a trainer state) in ``output_dir``, oldest first.
+
+    Folders left by an interrupted save (``step_N.tmp``, hidden temporary folders) are ignored.
+    """
     root = output_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+    found = [p for p in root.iterdir() if checkpoint_step(p.name) is not None and (p / STATE).is_file()]
+    return sorted(found, key=lambda p: checkpoint_step(p.name))
 
 
 def check_fresh(accelerator, output_dir: Path, *, overwrite: bool) -> None:

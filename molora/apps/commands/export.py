@@ -15,6 +15,11 @@ or ``gates.safetensors``) from the adapter folder or the run folder, else the pe
 gates of the last eval in the run's ``metrics.jsonl`` (pooled over tasks, weighted by tokens,
 unless ``--task`` is given); ``FILE`` reads a gates file from anywhere. Without ``--weights`` the task router's gates are used when ``--task`` is
 given, and uniform weights otherwise.
+
+The "rel. error" it prints is that of the factorization of the static merge (0 for ``cat``).
+For a token-routed model (soft, topk, topp routers) the export replaces each token's gates by
+static ones, which only approximates the routed model, whatever that error: the command prints
+a note saying so. Task-router exports (``--task``) are exact per task.
 """
 
 from __future__ import annotations
@@ -78,8 +83,11 @@ def find_adapter_dir(source: str | os.PathLike) -> Path:
     found = sorted(p.parent for p in root.rglob(CONFIG_NAME))
     steps = []
     for p in found:  # RUN/checkpoints/step_0000100/adapter, or HF-style checkpoint-100
-        numbers = [int(m.group(1)) for part in p.relative_to(root).parts
-                   if (m := re.fullmatch(r"(?:step_|checkpoint-)(\d+)", part))]
+        numbers = [
+            int(m.group(1))
+            for part in p.relative_to(root).parts
+            if (m := re.fullmatch(r"(?:step_|checkpoint-)(\d+)", part))
+        ]
         if numbers:
             steps.append((numbers[-1], p))
     if steps:
@@ -107,12 +115,12 @@ def load_base_model(name_or_path: str) -> Any:
 
 def _last_eval_routing(metrics: Path) -> dict[str, dict] | None:
     """``routing`` of the last eval record of a training run's metrics.jsonl, if any."""
+    from molora.training.metrics import read_metrics
+
     routing = None
-    for line in metrics.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if record.get("type") == "eval" and record.get("routing"):
-                routing = record["routing"]
+    for record in read_metrics(metrics):
+        if record.get("type") == "eval" and record.get("routing"):
+            routing = record["routing"]
     return routing
 
 
@@ -169,8 +177,29 @@ def _resolve_weights_arg(value: str | None, adapter_dir: Path, source: Path, tas
     if value == "measured":
         return _measured(adapter_dir, source, task)
     if Path(value).is_file():
-        return load_gates(value)
+        try:
+            return load_gates(value)
+        except Exception as e:  # noqa: BLE001 - JSON, safetensors or shape errors of a user file
+            if not isinstance(e, (ValueError, KeyError, TypeError)) and type(e).__name__ != "SafetensorError":
+                raise
+            raise ValueError(f"--weights {value!r} is not a readable gates file ({type(e).__name__}: {e})") from e
     raise ValueError(f"--weights must be 'uniform', 'measured' or an existing gates file, got {value!r}")
+
+
+def _check_metadata(adapter_dir: Path, meta: Any) -> None:
+    """The entries of ``molora_config.json`` have the types a saved adapter writes.
+
+    Raises:
+        ValueError: naming the file and the entry.
+    """
+    from molora.io import CONFIG_NAME
+
+    for key, kind in (("config", dict), ("modules", dict), ("tensors", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(
+                f"{adapter_dir / CONFIG_NAME}: {key!r} must be a JSON object, got {json.dumps(meta.get(key))[:60]}; "
+                "the adapter is corrupt or not a MoLoRA adapter"
+            )
 
 
 def _parse_task(value: str | None) -> int | str | None:
@@ -189,8 +218,32 @@ def format_report(report: dict[str, Any], title: str | None = None) -> str:
     for name, row in rows.items():
         lines.append(f"{name:<{width}}  {row['rank']:>5}  {row['rel_error']:>10.3e}")
     errors = [row["rel_error"] for row in rows.values()]
-    lines.append(f"{len(rows)} layers, max rel. error {max(errors):.3e}, method {report['method']}")
+    lines.append(
+        f"{len(rows)} layers, max rel. error {max(errors):.3e} (of the factorization of the static merge), "
+        f"method {report['method']}"
+    )
     return "\n".join(lines)
+
+
+def routing_note(router: str, task: int | str | None) -> str | None:
+    """What the error above does not cover: static gates approximate token routing.
+
+    Args:
+        router: the model's router (``MoLoRAConfig.router``).
+        task: ``--task`` (a task router's export of a task is exact).
+
+    Returns:
+        The note to print, or None when the export reproduces the model exactly.
+    """
+    if router == "task" and task is not None:
+        return None
+    if router == "task":
+        return "note: the task router's gates were averaged (no --task): the export matches no single task exactly"
+    return (
+        f"note: the rel. error is the factorization's (0: exact), but this model routes each token (router={router!r}): "
+        "the export's static gates only approximate token routing, so its outputs differ from the routed model's; "
+        "compare them on your data before serving it"
+    )
 
 
 def _save_merged(model: Any, base_name: str, out: Path) -> None:
@@ -218,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
         source = Path(args.source)
         adapter_dir = find_adapter_dir(source)
         meta = read_metadata(adapter_dir)
+        _check_metadata(adapter_dir, meta)
         base_name = args.base or meta.get("base_model_name_or_path")
         if not base_name:
             raise ValueError(f"{adapter_dir} records no base model (base_model_name_or_path); pass --base")
@@ -235,6 +289,8 @@ def run(args: argparse.Namespace) -> int:
             merged = model.merge_and_unload(weights=weights, task=task, progress=not args.no_progress)
             _save_merged(merged, base_name, out)
             print(f"merged model written to {out}")
+            if note := routing_note(model.molora_config.router, task):
+                print(note)
             return 0
         report = model.export_merged_adapter(
             out, weights=weights, task=task, method=args.method, rank=args.rank, progress=not args.no_progress
@@ -248,4 +304,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_report(report))
         print(f"adapter written to {out}")
+    note = routing_note(model.molora_config.router, task)
+    if note:
+        print(note)
     return 0

@@ -20,17 +20,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("run_dir", help="the run folder (train.output_dir)")
-    parser.add_argument("--step", type=int, default=None, help="plot the routing of the eval at this step (default: the last)")
+    parser.add_argument(
+        "--step", type=int, default=None, help="plot the routing of the eval at this step (default: the last)"
+    )
     parser.add_argument("--no-plots", action="store_true", help="print the summary only")
     return parser
 
 
 def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of ``RUN_DIR/metrics.jsonl``."""
+    """The records of ``RUN_DIR/metrics.jsonl`` (a partial last line, from a killed run, is dropped).
+
+    Raises:
+        FileNotFoundError: no ``metrics.jsonl``.
+        ValueError: a line before the last is not a JSON object.
+    """
+    from molora.training.metrics import read_metrics
+
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a molora run folder: metrics.jsonl is missing")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path)
 
 
 def _entropy(load: list[float]) -> float:
@@ -44,6 +53,8 @@ def _entropy(load: list[float]) -> float:
 
 def summarize(run_dir: Path, records: list[dict[str, Any]], eval_record: dict[str, Any] | None) -> str:
     """The text printed by ``molora inspect``."""
+    from molora.training.run_dir import checkpoint_dirs
+
     lines = [f"run: {run_dir}"]
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
@@ -57,12 +68,14 @@ def summarize(run_dir: Path, records: list[dict[str, Any]], eval_record: dict[st
             lines.append(f"  per-task merged adapters: {s['export']}")
     else:
         lines.append("  (no summary.json: the run is unfinished or was interrupted)")
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()) if (run_dir / "checkpoints").is_dir() else []
+    ckpts = [p.name for p in checkpoint_dirs(run_dir)]
     lines.append(f"  checkpoints: {', '.join(ckpts) if ckpts else 'none'}")
     train = [r for r in records if r.get("type") == "train"]
     if train:
         first, last = train[0], train[-1]
-        lines.append(f"  train loss: {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})")
+        lines.append(
+            f"  train loss: {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})"
+        )
     if eval_record is not None:
         lines.append(f"  eval at step {eval_record['step']}:")
         width = max(len(t) for t in eval_record["tasks"])
@@ -71,25 +84,42 @@ def summarize(run_dir: Path, records: list[dict[str, Any]], eval_record: dict[st
             ent = [_entropy(v["load"]) for v in routing.values()]
             ent = [e for e in ent if not math.isnan(e)]
             balance = f", load balance {sum(ent) / len(ent):.3f}" if ent else ""
-            lines.append(f"    {task:<{width}}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  ({m['examples']} examples{balance})")
+            lines.append(
+                f"    {task:<{width}}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  ({m['examples']} examples{balance})"
+            )
         lines.append("    (load balance: mean over layers of the normalized entropy of expert load, 1 = uniform)")
     else:
         lines.append("  no evaluation recorded")
     return "\n".join(lines)
 
 
+def _router(run_dir: Path) -> str | None:
+    """The run's router, from summary.json or run_config.yaml (None: unknown)."""
+    import yaml
+
+    try:
+        if (run_dir / "summary.json").is_file():
+            return json.loads((run_dir / "summary.json").read_text()).get("router")
+        return (yaml.safe_load((run_dir / "run_config.yaml").read_text()) or {}).get("molora", {}).get("router")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     try:
         records = load_metrics(run_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"molora inspect: {e}", file=sys.stderr)
         return 2
     evals = [r for r in records if r.get("type") == "eval"]
     if args.step is not None:
         chosen = [r for r in evals if r["step"] == args.step]
         if not chosen:
-            print(f"molora inspect: no eval at --step {args.step}; eval steps: {[r['step'] for r in evals]}", file=sys.stderr)
+            print(
+                f"molora inspect: no eval at --step {args.step}; eval steps: {[r['step'] for r in evals]}",
+                file=sys.stderr,
+            )
             return 2
         eval_record = chosen[-1]
     else:
@@ -106,8 +136,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     written = [plots.plot_metrics(records, run_dir / "metrics.png", title=run_dir.name)]
     if eval_record is not None and eval_record.get("routing"):
-        title = f"{run_dir.name}: expert load per task and layer (eval at step {eval_record['step']})"
-        written.append(plots.plot_routing(eval_record["routing"], run_dir / "routing.png", title=title))
+        router = _router(run_dir)
+        first = next(iter(eval_record["routing"].values()))
+        _, label = plots.routing_quantity(router, first)
+        title = f"{run_dir.name}: {label} per task and layer (eval at step {eval_record['step']})"
+        written.append(plots.plot_routing(eval_record["routing"], run_dir / "routing.png", title=title, router=router))
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -1,4 +1,14 @@
-"""``molora train CONFIG.yaml [dotted.key=value ...] [--resume | --resume-from CHECKPOINT]``."""
+"""``molora train CONFIG.yaml [dotted.key=value ...] [--resume | --resume-from CHECKPOINT] [--debug]``.
+
+User errors: molora validates what the user gives (the run config, the data files, the base
+model, a checkpoint to resume) before or while it builds the run, and reports each problem as a
+``ValueError`` (``RunConfigError`` is one) or an ``OSError`` (``FileNotFoundError``,
+``FileExistsError``, ``PermissionError``, a full disk, ...) whose message names the file, line
+or field; ``NotImplementedError`` marks a set-up molora does not support. Those are printed as
+one line, ``molora train: error: ...``, with exit status 2. Every other exception (``TypeError``,
+``KeyError``, ``IndexError``, ``RuntimeError``, ``AssertionError``, ...) is a bug, in molora or
+below it, and keeps its traceback. ``--debug`` shows the traceback of user errors too.
+"""
 
 from __future__ import annotations
 
@@ -18,15 +28,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("config", help="the YAML run config")
     # REMAINDER, then a second parse in run(): flags may come anywhere among the overrides
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="dotted overrides, values parsed as YAML")
+    parser.add_argument(
+        "overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="dotted overrides, values parsed as YAML"
+    )
     _add_flags(parser)
     return parser
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
-    parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint folder (RUN_DIR/checkpoints/step_...)")
+    parser.add_argument(
+        "--resume-from",
+        metavar="CHECKPOINT",
+        help="continue from this checkpoint folder (RUN_DIR/checkpoints/step_...)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
 
 
 def _split_flags(args: argparse.Namespace) -> str | None:
@@ -36,37 +53,43 @@ def _split_flags(args: argparse.Namespace) -> str | None:
     found, rest = flags.parse_known_args(args.overrides)
     unknown = [a for a in rest if a.startswith("-")]
     if unknown:
-        return f"unrecognized options {unknown}; options: --resume, --resume-from CHECKPOINT, --dry-run"
+        return f"unrecognized options {unknown}; options: --resume, --resume-from CHECKPOINT, --dry-run, --debug"
     args.overrides = rest
     args.resume = args.resume or found.resume
     args.resume_from = args.resume_from or found.resume_from
     args.dry_run = args.dry_run or found.dry_run
+    args.debug = args.debug or found.debug
     if args.resume and args.resume_from:
         return "give --resume (newest checkpoint) or --resume-from CHECKPOINT, not both"
     return None
 
 
-def run(args: argparse.Namespace) -> int:
-    from molora.training.run_config import RunConfigError, load_run_config
+USER_ERRORS = (ValueError, OSError, NotImplementedError)  # see the module docstring
 
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``molora train``; returns the exit status (2: a user error, printed in one line)."""
     problem = _split_flags(args)
     if problem:
-        print(f"molora train: {problem}", file=sys.stderr)
+        print(f"molora train: error: {problem}", file=sys.stderr)
         return 2
     try:
-        config = load_run_config(args.config, args.overrides)
-    except (RunConfigError, FileNotFoundError) as e:
-        print(f"molora train: {e}", file=sys.stderr)
+        return _train(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"molora train: error: {e}", file=sys.stderr)
         return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from molora.training.run_config import load_run_config
+
+    config = load_run_config(args.config, args.overrides)
     if args.dry_run:
         print(config.to_yaml(), end="")
         return 0
     from molora.training.loop import train
 
-    try:
-        train(config, resume=args.resume_from or args.resume or None)
-    except (FileNotFoundError, FileExistsError) as e:
-        # missing data files or checkpoints, an earlier run in the output folder: no traceback
-        print(f"molora train: {e}", file=sys.stderr)
-        return 2
+    train(config, resume=args.resume_from or args.resume or None)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -97,8 +98,42 @@ def _load_file(name: str, path: Path, cache_dir: Any) -> Dataset:
             f"task {name!r}: file suffix {path.suffix!r} of {str(path)!r} is not supported; "
             f"allowed: {sorted(_FILE_BUILDERS)}"
         )
+    if builder == "json":
+        _check_json_rows(name, path)
     cache = None if cache_dir is None else str(cache_dir)
     return load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
+
+
+def _check_json_rows(name: str, path: Path) -> None:
+    """Every row of a JSON Lines file (or JSON array) is a JSON object, and there is one at least.
+
+    Raises:
+        ValueError: naming the file and line of the first bad row, or saying the file is empty.
+    """
+    text = path.read_text(encoding="utf-8", errors="replace")
+    where = f"task {name!r}: data file {str(path)!r}"
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}, line {e.lineno}: not valid JSON ({e.msg})") from e
+        numbered = [(f"row {i + 1}", row) for i, row in enumerate(rows)]
+    else:
+        numbered = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}, line {number}: not valid JSON ({e.msg}): {line[:80]!r}") from e
+    for at, row in numbered:
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{where}, {at}: expected a JSON object with the task's columns, got {json.dumps(row)[:80]}"
+            )
+    if not numbered:
+        raise ValueError(f"{where} has no rows")
 
 
 def _split_by_column(ds: Dataset, task_column: str | None) -> dict[str, Dataset]:

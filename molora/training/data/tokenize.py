@@ -51,6 +51,7 @@ def tokenize_causal_lm(
         ValueError: missing columns, ``max_length < 1``, ``add_eos`` without an EOS token.
     """
     _require_columns(ds, [prompt_column, response_column])
+    _require_strings(ds, [prompt_column, response_column])
     _check_max_length(max_length)
     eos = tokenizer.eos_token_id if add_eos else None
     if add_eos and eos is None:
@@ -100,7 +101,11 @@ def tokenize_classification(
         ValueError: missing columns or ``max_length < 1``.
     """
     _require_columns(ds, [text_column, label_column])
+    _require_strings(ds, [text_column])
     _check_max_length(max_length)
+    missing = next((i for i, y in enumerate(ds[label_column]) if y is None), None)
+    if missing is not None:
+        raise ValueError(f"row {missing + 1}: column {label_column!r} is null")
     int_labels = _is_int_feature(ds.features[label_column])
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -125,6 +130,18 @@ def _require_columns(ds: Dataset, columns: list[str]) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise ValueError(f"columns {missing} not in the dataset; columns: {ds.column_names}")
+
+
+def _require_strings(ds: Dataset, columns: list[str]) -> None:
+    """Every value of ``columns`` is a string (a null or a number would reach the tokenizer).
+
+    Raises:
+        ValueError: naming the column, the (1-based) row and the value.
+    """
+    for column in columns:
+        for i, value in enumerate(ds[column]):
+            if not isinstance(value, str):
+                raise ValueError(f"row {i + 1}: column {column!r} must be a string, got {value!r}")
 
 
 def _check_max_length(max_length: int) -> None:

@@ -135,7 +135,8 @@ class TrainSection:
         min_lr_ratio: the cosine/linear schedule ends at ``min_lr_ratio * lr``.
         max_grad_norm: gradient clipping (null: none).
         eval_every: evaluate every this many steps (0: only at the end).
-        save_every: checkpoint every this many steps (0: only the final adapter).
+        save_every: checkpoint every this many steps and at the last step, so that a finished
+            run can be resumed with a higher ``max_steps`` (0: no checkpoints, only the final adapter).
         log_every: log the training loss every this many steps.
         save_total_limit: keep only the newest this many checkpoints (null: all).
         max_eval_batches: cap on eval batches per task.
