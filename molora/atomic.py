@@ -149,6 +149,16 @@ def _carry_over(old: Path, new: Path, owned: Callable[[str], bool]) -> None:
             _link_or_copy(entry, target)
 
 
+def _usual_modes(root: Path) -> None:
+    """0644 / 0755 under the umask for what a writer put in ``root`` (some libraries write 0600)."""
+    mask = _umask()
+    for sub, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(sub, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(sub, name), 0o666 & ~mask)
+
+
 def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     try:
         os.link(src, dst, follow_symlinks=False)
@@ -194,6 +204,7 @@ def atomic_directory(path: str | os.PathLike, *, owned: Callable[[str], bool] = 
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        _usual_modes(tmp)  # before the carry-over: the user's own files keep their modes
         if path.is_dir():
             _carry_over(path, tmp, owned)
         _replace_directory(tmp, path)

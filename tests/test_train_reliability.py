@@ -93,7 +93,6 @@ def test_run_files_have_the_usual_modes(run4):
     assert _unusual_modes(p for p in [run4, *run4.rglob("*")] if "export" not in p.parts) == []
 
 
-@pytest.mark.xfail(strict=True, reason="merge/export.py writes adapter_model.safetensors with save_file (0600)")
 def test_export_files_have_the_usual_modes(run4):
     assert _unusual_modes((run4 / "export").rglob("*")) == []
 

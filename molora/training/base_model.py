@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +110,6 @@ def keep_base_with_run(base: torch.nn.Module, output_dir: Path, *, resuming: boo
         base = type(base).from_pretrained(base_dir, dtype=base.dtype)  # exactly the run's base
     elif main:
         with atomic_directory(base_dir) as tmp:
-            base.save_pretrained(tmp)
-            _usual_modes(tmp)
+            base.save_pretrained(tmp)  # atomic_directory gives its files the usual modes
     base.config.name_or_path = str(base_dir)
     return base
-
-
-def _usual_modes(folder: Path) -> None:
-    """The usual file modes (0644 under the umask) for what ``save_pretrained`` wrote: its
-    safetensors writer creates files 0600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            os.chmod(path, 0o666 & ~mask)
