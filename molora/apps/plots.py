@@ -164,11 +164,11 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike, *, titl
 
 
 def plot_gate_grid(routing: dict[str, dict[str, dict[str, Any]]], path: str | os.PathLike, *, title: str) -> Path:
-    """Per model (row) and task (column), a (layer x expert) heatmap of the mean gate weight.
+    """Per model (row) and task (column), a (layer x expert) heatmap of routing preferences.
 
-    The gate-weighted load (``routing_stats()[layer]["gates"]``, the mean gate weight per real
-    token; rows sum to 1) rather than the selection count, so that the preferences of a soft
-    router show too. Layers are labelled as ``L3 query``.
+    As ``molora inspect`` (:func:`routing_quantity`): the mean gate weight per real token for
+    dense routers (soft, task; their load is always 1), the load (share of tokens routed to the
+    expert) for sparse ones; each panel's title says which. Layers are labelled as ``L3 query``.
 
     Args:
         routing: ``{model: {task: {layer: {"gates": (N,) tensor or array, ...}}}}``.
@@ -195,15 +195,16 @@ def plot_gate_grid(routing: dict[str, dict[str, dict[str, Any]]], path: str | os
         for j, task in enumerate(task_names):
             stats = routing[key][task]
             layers = list(stats)
-            gates = np.stack([np.asarray(stats[name]["gates"]) for name in layers])  # (layers, N)
+            quantity, _ = routing_quantity(None, stats)
+            gates = np.stack([np.asarray(stats[name][quantity]) for name in layers])  # (layers, N)
             ax = axes[i][j]
             image = ax.imshow(gates, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-            ax.set_title(f"{key}: {task}", fontsize=9)
+            ax.set_title(f"{key}: {task} ({'gate weight' if quantity == 'gates' else 'load'})", fontsize=9)
             ax.set_xticks(range(gates.shape[1]))
             ax.set_xlabel("expert", fontsize=8)
             ax.set_yticks(range(len(layers)))
             ax.set_yticklabels([_layer_label(n) for n in layers] if j == 0 else [], fontsize=6)
-    fig.colorbar(image, ax=axes, shrink=0.6, label="mean gate weight per token (test set)")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="mean gate weight (dense routers) or load (sparse), test set")
     fig.suptitle(title)
     return _save(fig, plt, path, dpi=110, bbox_inches=None)
 
