@@ -168,3 +168,8 @@ def test_micro_batch_loss_of_a_batch_without_targets_is_zero_with_zero_gradient(
     assert stats[0].item() == 0 and stats[1].item() == 0
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_a_target_module_typo_fails_before_the_base_model_is_written(tmp_path):
+    assert main(_train(tmp_path, **{"molora.target_modules": "[q_projj]"})) == 2
+    assert not (tmp_path / "run" / "base_model").exists()

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from molora.atomic import atomic_write_text
+from molora.inject import find_target_modules
 from molora.model import MoLoRAModel, get_molora_model
 from molora.training.base_model import check_vocab, keep_base_with_run, load_base_model
 from molora.training.checkpoints import load_checkpoint_model, load_training_state, save_adapter, save_checkpoint
@@ -128,6 +129,7 @@ def _build_model(config: RunConfig, tokenizer, output_dir: Path, *, ckpt: Path |
     """The base model wrapped with MoLoRA: the checkpoint's adapter when resuming, else a fresh one."""
     base = load_base_model(config, tokenizer)
     check_vocab(base, tokenizer, config)
+    find_target_modules(base, config.molora.target_modules)  # a typo fails before anything is written
     if config.model.from_config is not None:
         base = keep_base_with_run(base, output_dir, resuming=ckpt is not None, main=main)
     if ckpt is not None:
