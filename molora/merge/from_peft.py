@@ -15,6 +15,10 @@ so that s * B'_i A'_i = s_i B_i A_i exactly. Adapters of smaller rank than ``con
 padded that way: the zero columns of B keep the padded slots inert but trainable (their A
 rows are random, not zero, so gradients can reach them if the experts are unfrozen).
 
+Shared experts (``num_shared_experts``) start as zero updates and stay trainable even with
+``freeze_experts`` (a residual adapter beside the frozen ones). ``share_lora_A`` and
+``num_experts_pattern`` are refused: independent adapters have their own A's and one expert each.
+
 Only safetensors adapters are read (no pickle). Adapters are checked against the base model
 (module names, shapes, and the recorded base model name) before any weight is assigned.
 """
@@ -215,9 +219,6 @@ def from_lora_adapters(
 
     Returns:
         The MoLoRAModel.
-
-    Shared experts (``num_shared_experts``) start as zero updates and stay trainable even
-    with ``freeze_experts`` (a residual adapter next to the frozen ones).
 
     Raises:
         ValueError: wrong number of adapters, rank above ``config.r`` (or above a layer's
