@@ -289,10 +289,19 @@ def test_first_matching_key_wins():
     assert [s.r for s in specs.values()] == [6, 4]
 
 
-def test_from_lora_adapters_refuses_share_lora_A(tmp_path):
-    cfg = MoLoRAConfig(target_modules=["q_proj"], num_experts=2, share_lora_A=True)
-    with pytest.raises(ValueError, match=r"`share_lora_A=True` cannot be built from LoRA adapters"):
-        MoLoRAModel.from_lora_adapters(tiny_llama(), [tmp_path / "a", tmp_path / "b"], cfg)
+@pytest.mark.parametrize(
+    ("kw", "pattern"),
+    [
+        ({"share_lora_A": True}, r"`share_lora_A=True` cannot be built from LoRA adapters: each adapter has its own A"),
+        ({"num_experts_pattern": {"q_proj": 3}}, r"`num_experts_pattern`=.* cannot be used with from_lora_adapters"),
+    ],
+)
+def test_from_lora_adapters_refuses_structures_adapters_cannot_fill(tmp_path, kw, pattern):
+    cfg = MoLoRAConfig(target_modules=["q_proj"], num_experts=2, **kw)
+    base = tiny_llama()
+    with pytest.raises(ValueError, match=pattern):
+        MoLoRAModel.from_lora_adapters(base, [tmp_path / "a", tmp_path / "b"], cfg)
+    assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear"  # nothing injected
 
 
 def test_config_round_trips_through_json_with_patterns(tmp_path):
