@@ -152,6 +152,8 @@ def test_hydra_task_export_is_exact_at_rank_r(tmp_path):
     pytest.importorskip("peft")
     model = trained("hydra")
     ids = random_batch()["input_ids"]
+    assert all(l.lora_B.abs().sum() > 0 for l in model.molora_layers().values())  # one step: B is no longer 0
+    assert not torch.allclose(logits(model, ids, task_ids=TASK_IDS), logits(tiny_llama(), ids), atol=1e-3)
     report = model.export_merged_adapter(tmp_path / "tasks", task="all")
     for tid in (0, 1):
         folder = tmp_path / "tasks" / f"task_{tid}"
