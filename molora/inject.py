@@ -9,6 +9,7 @@ from torch import nn
 
 from molora.core.config import MoLoRAConfig
 from molora.core.layer import Conv1D, MoLoRALinear, linear_shape
+from molora.core.patterns import LayerSpec
 from molora.core.routing import RoutingContext
 from routers import build_router
 
@@ -68,13 +69,14 @@ def find_modules_to_save(model: nn.Module, patterns: list[str] | None) -> list[s
     return found
 
 
-def router_kwargs(config: MoLoRAConfig) -> dict:
-    """Constructor keyword arguments of the configured router class."""
-    kwargs = {"num_experts": config.num_experts, "init_std": config.router_init_std, "debug": config.debug}
+def router_kwargs(config: MoLoRAConfig, spec: LayerSpec | None = None) -> dict:
+    """Constructor keyword arguments of the configured router class (of one layer, given its ``spec``)."""
+    num_experts, top_k = (config.num_experts, config.top_k) if spec is None else (spec.num_experts, spec.top_k)
+    kwargs = {"num_experts": num_experts, "init_std": config.router_init_std, "debug": config.debug}
     if config.router == "topk":
-        kwargs.update(top_k=config.top_k, jitter_noise=config.router_jitter_noise, normalize_top_k=config.normalize_top_k)
+        kwargs.update(top_k=top_k, jitter_noise=config.router_jitter_noise, normalize_top_k=config.normalize_top_k)
     elif config.router == "task":
-        kwargs.update(num_tasks=config.num_tasks, top_k=config.top_k, normalize_top_k=config.normalize_top_k)
+        kwargs.update(num_tasks=config.num_tasks, top_k=top_k, normalize_top_k=config.normalize_top_k)
     return kwargs
 
 
@@ -90,10 +92,14 @@ def inject_molora(
 ) -> tuple[dict[str, MoLoRALinear], list[str]]:
     """Replace every target layer of ``model`` in place by a MoLoRALinear; freeze the rest.
 
+    Each layer takes its N, r, lora_alpha and top_k from the config's patterns
+    (:mod:`molora.core.patterns`), checked before the model is touched.
+
     Returns:
         ({qualified name: MoLoRALinear}, names of modules_to_save kept trainable).
     """
     names = find_target_modules(model, config.target_modules)
+    specs = config.layer_specs(names)
     to_save = find_modules_to_save(model, config.modules_to_save)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -103,17 +109,20 @@ def inject_molora(
         parent = model.get_submodule(parent_name)
         base_layer = getattr(parent, child)
         in_features, _, _ = linear_shape(base_layer)
+        spec = specs[name]
         layer = MoLoRALinear(
             base_layer,
-            num_experts=config.num_experts,
-            r=config.r,
-            lora_alpha=config.lora_alpha,
+            num_experts=spec.num_experts,
+            r=spec.r,
+            lora_alpha=spec.lora_alpha,
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             expert_impl=config.expert_impl,
-            router=build_router(config.router, in_features, **router_kwargs(config)),
+            router=build_router(config.router, in_features, **router_kwargs(config, spec)),
             adapter_dtype=_adapter_dtype(config, base_layer),
             routing_context=routing_context,
+            share_lora_A=config.share_lora_A,
+            num_shared_experts=config.num_shared_experts,
         )
         setattr(parent, child, layer)
         layers[name] = layer

@@ -3,9 +3,12 @@
 A saved adapter is a folder with
 
 - ``molora_config.json``: {"molora_version", "config" (MoLoRAConfig), "base_model_name_or_path",
-  "modules": {name: {"in_features", "out_features", "fan_in_fan_out"}}, "modules_to_save": [...],
-  "tensors": {key: shape}}
-- ``molora_model.safetensors``: ``{name}.lora_A`` (N, r, in), ``{name}.lora_B`` (N, out, r),
+  "modules": {name: {"in_features", "out_features", "fan_in_fan_out", "num_experts", "r"}},
+  "modules_to_save": [...], "tensors": {key: shape}}; "num_experts" and "r" are the layer's
+  own (after the config's patterns; adapters saved before they were recorded omit them)
+- ``molora_model.safetensors``: ``{name}.lora_A`` (N, r, in) ((1, r, in) with share_lora_A),
+  ``{name}.lora_B`` (N, out, r), ``{name}.lora_A_shared`` (M, r, in) and
+  ``{name}.lora_B_shared`` (M, out, r) when the layer has M > 0 shared experts,
   ``{name}.router.<param>`` for every MoLoRA layer, and the parameters of modules_to_save
   under their qualified names.
 
@@ -48,6 +51,9 @@ def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
     for name, layer in model.molora_layers().items():
         state[f"{name}.lora_A"] = layer.lora_A
         state[f"{name}.lora_B"] = layer.lora_B
+        if getattr(layer, "num_shared_experts", 0):
+            state[f"{name}.lora_A_shared"] = layer.lora_A_shared
+            state[f"{name}.lora_B_shared"] = layer.lora_B_shared
         for pname, param in layer.router.named_parameters():
             state[f"{name}.router.{pname}"] = param
     for name in model.modules_to_save:
@@ -67,7 +73,7 @@ def save_molora(model: Any, save_directory: str | os.PathLike) -> None:
         "config": model.molora_config.to_dict(),
         "base_model_name_or_path": base_model_name(model.base_model),
         "modules": {
-            name: {"in_features": l.in_features, "out_features": l.out_features, "fan_in_fan_out": l.fan_in_fan_out}
+            name: _module_entry(l.in_features, l.out_features, l.fan_in_fan_out, l.num_experts, l.r)
             for name, l in model.molora_layers().items()
         },
         "modules_to_save": list(model.modules_to_save),
@@ -76,6 +82,34 @@ def save_molora(model: Any, save_directory: str | os.PathLike) -> None:
     with atomic_directory(directory, owned=lambda name: name in (CONFIG_NAME, WEIGHTS_NAME)) as tmp:
         atomic_save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "library": "molora"})
         atomic_write_text(tmp / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+
+
+def _module_entry(in_features: int, out_features: int, fan_in_fan_out: bool, num_experts: int, r: int) -> dict:
+    return {
+        "in_features": in_features,
+        "out_features": out_features,
+        "fan_in_fan_out": fan_in_fan_out,
+        "num_experts": num_experts,
+        "r": r,
+    }
+
+
+def _base_modules(config: MoLoRAConfig, base_model: torch.nn.Module, saved: dict[str, Any]) -> dict[str, dict]:
+    """What the metadata's "modules" should say for ``base_model``: shapes and per-layer N and r.
+
+    Raises:
+        ValueError: the config's pattern keys do not fit the base's target layers.
+    """
+    names = find_target_modules(base_model, config.target_modules)
+    specs = config.layer_specs(names)
+    legacy = not any(isinstance(v, dict) and "r" in v for v in saved.values())  # saved before N, r were recorded
+    found = {}
+    for name in names:
+        entry = _module_entry(*linear_shape(base_model.get_submodule(name)), specs[name].num_experts, specs[name].r)
+        if legacy:
+            del entry["num_experts"], entry["r"]
+        found[name] = entry
+    return found
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -122,12 +156,8 @@ def load_molora(cls, base_model: torch.nn.Module, path: str | os.PathLike, *, is
     if not weights_path.is_file():
         raise FileNotFoundError(f"no MoLoRA weights at {str(path)!r}: {WEIGHTS_NAME} is missing")
 
-    # 1. the base model must have the same target layers with the same shapes
-    names = find_target_modules(base_model, config.target_modules)
-    found = {}
-    for name in names:
-        in_f, out_f, fifo = linear_shape(base_model.get_submodule(name))
-        found[name] = {"in_features": in_f, "out_features": out_f, "fan_in_fan_out": fifo}
+    # 1. the base model must have the same target layers with the same shapes (and N, r per layer)
+    found = _base_modules(config, base_model, meta["modules"])
     problems = _diff(meta["modules"], found, "base model layer")
     to_save = find_modules_to_save(base_model, config.modules_to_save)
     if sorted(to_save) != sorted(meta.get("modules_to_save", [])):

@@ -65,6 +65,11 @@ class MoLoRAModel(nn.Module):
         """{qualified name inside ``base_model``: MoLoRALinear}, in model order."""
         return {name: self.base_model.get_submodule(name) for name in self._layer_names}
 
+    def layer_summary(self) -> dict[str, dict[str, Any]]:
+        """{layer name: {"num_experts", "r", "top_k", "lora_alpha", "scaling", "share_lora_A",
+        "num_shared_experts"}}: each layer's structure after the config's patterns."""
+        return {name: layer.structure() for name, layer in self.molora_layers().items()}
+
     def get_base_model(self) -> nn.Module:
         return self.base_model
 

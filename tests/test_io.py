@@ -44,7 +44,8 @@ def test_gpt2_conv1d_round_trip(tmp_path):
     want = model(input_ids=ids, task_ids=torch.tensor([0, 1])).logits
     model.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / "molora_config.json").read_text())
-    assert meta["modules"]["transformer.h.0.attn.c_attn"] == {"in_features": 32, "out_features": 96, "fan_in_fan_out": True}
+    entry = {"in_features": 32, "out_features": 96, "fan_in_fan_out": True, "num_experts": 3, "r": 2}
+    assert meta["modules"]["transformer.h.0.attn.c_attn"] == entry
     loaded = MoLoRAModel.from_pretrained(tiny_gpt2(), tmp_path)
     torch.testing.assert_close(loaded(input_ids=ids, task_ids=torch.tensor([0, 1])).logits, want, rtol=0, atol=0)
 

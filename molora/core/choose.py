@@ -35,7 +35,7 @@ def choose_impl(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, ind
     Dense routing, or :func:`prefers_dense` (tiny T, k > N/2): ``dense`` everywhere. Then by
     device: :func:`_choose_cuda` on CUDA, :func:`_choose_cpu` elsewhere.
     """
-    num_experts = lora_A.shape[0]
+    num_experts = lora_B.shape[0]  # lora_A may be one shared (1, r, in)
     if indices is None or prefers_dense(x.shape[0], num_experts, indices.shape[1]):
         return "dense"
     if x.device.type == "cuda":
@@ -59,7 +59,7 @@ def _choose_cpu(x, lora_A, lora_B, indices) -> str:
       hybrid 1.12x PEFT LoRA; at T=2048, d=1024 grouped wins (1.15-1.22x vs 1.23-1.33x).
     - Otherwise ``grouped``, whose GEMM work scales with k rather than N.
     """
-    num_experts, rank = lora_A.shape[:2]
+    num_experts, rank = lora_B.shape[0], lora_A.shape[1]
     if num_experts * rank <= _HYBRID_MAX_RANK:
         if torch.get_num_threads() > 1:
             return "dense"
@@ -92,7 +92,7 @@ def _choose_cuda(x, lora_A, lora_B) -> str:
       and r multiples of 8); else ``hybrid`` (N*r <= 256) or ``grouped`` with a warning,
       logged once, that a slower path runs.
     """
-    num_experts, rank, in_features = lora_A.shape
+    num_experts, (rank, in_features) = lora_B.shape[0], lora_A.shape[1:]
     if num_experts * rank < dense_floor_rank(x.device):
         return "dense"
     if _triton_installed():

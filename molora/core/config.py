@@ -11,6 +11,7 @@ from typing import Any
 
 from molora.atomic import atomic_write_text
 from molora.core.experts import EXPERT_IMPLS
+from molora.core.patterns import LayerSpec, check_patterns, layer_specs
 from routers import ROUTERS
 
 ADAPTER_DTYPES = ("base", "bfloat16", "float16", "float32")
@@ -55,6 +56,24 @@ class MoLoRAConfig:
         task_names: optional names of the task ids, in id order. ``task_ids`` may then be given
             by name; exports write one folder per name. Unique after :func:`task_folder_name`.
         debug: raise on NaN/inf router logits (costs a device sync per layer).
+        share_lora_A: HydraLoRA form (Tian et al. 2024, arXiv 2404.19245): one down-projection
+            ``lora_A`` (1, r, in) shared by all experts and N up-projections ``lora_B``
+            (N, out, r); h = A x is computed once per token and the router mixes the B heads.
+            Every static merge is then exact at rank r (lora_A = A, lora_B = s * sum_i w_i B_i).
+        num_shared_experts: M always-on experts with gate 1, outside routing (DeepSeek-MoE
+            form): ``lora_A_shared`` (M, r, in), ``lora_B_shared`` (M, out, r), B zero at init;
+            the layer adds s * sum_j B_j A_j x, a rank M*r LoRA. The balancing losses ignore
+            them; exports include them with weight 1. They keep their own A under
+            ``share_lora_A``, so such a merge has rank r + M*r.
+        rank_pattern: per-layer ``r``: ``{key: r}``; a key matches a module name as PEFT's
+            ``rank_pattern`` keys do (``re.match(rf"(.*\\.)?({key})$", name)``, the first
+            matching key wins). A key that matches no targeted layer is an error at injection.
+        alpha_pattern: per-layer ``lora_alpha``, matched the same way.
+        num_experts_pattern: per-layer N (MoLA: more experts in higher layers).
+        top_k_pattern: per-layer ``top_k`` (topk and task routers); must be <= that layer's N.
+            The four patterns (see :mod:`molora.core.patterns`) are saved with the adapter, the
+            per-layer N and r are recorded in its metadata, and exports handle them (per-module
+            ranks go through PEFT's ``rank_pattern``).
     """
 
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -76,6 +95,12 @@ class MoLoRAConfig:
     modules_to_save: list[str] | None = None
     task_names: list[str] | None = None
     debug: bool = False
+    share_lora_A: bool = False
+    num_shared_experts: int = 0
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    num_experts_pattern: dict[str, int] = field(default_factory=dict)
+    top_k_pattern: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -104,7 +129,7 @@ class MoLoRAConfig:
     def validate(self) -> None:
         """Check every field; raise one ValueError listing all problems found."""
         errors: list[str] = []
-        for check in (_check_targets, _check_sizes, _check_routing, _check_tasks, _check_options):
+        for check in (_check_targets, _check_sizes, _check_routing, _check_tasks, _check_options, _check_structure):
             errors += check(self)
         if errors:
             raise ValueError("invalid MoLoRAConfig:\n  - " + "\n  - ".join(errors))
@@ -113,6 +138,14 @@ class MoLoRAConfig:
     def scaling(self) -> float:
         """s = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
         return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
+
+    def layer_specs(self, names: list[str]) -> dict[str, LayerSpec]:
+        """The structure (N, r, lora_alpha, top_k) of each targeted layer after the patterns.
+
+        Raises:
+            ValueError: a pattern key matches none of ``names``, or a layer's top_k > its N.
+        """
+        return layer_specs(self, names)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,9 +284,16 @@ def _check_tasks(c: MoLoRAConfig) -> list[str]:
 def _check_options(c: MoLoRAConfig) -> list[str]:
     return [
         f"`{name}` must be True or False, got {getattr(c, name)!r} ({type(getattr(c, name)).__name__})"
-        for name in ("use_rslora", "debug")
+        for name in ("use_rslora", "debug", "share_lora_A")
         if not isinstance(getattr(c, name), bool)
     ]
+
+
+def _check_structure(c: MoLoRAConfig) -> list[str]:
+    errors = []
+    if not (_is_int(c.num_shared_experts) and c.num_shared_experts >= 0):
+        errors.append(f"`num_shared_experts` must be an int >= 0, got {c.num_shared_experts!r}")
+    return errors + check_patterns(c)
 
 
 def task_folder_name(name: str) -> str:

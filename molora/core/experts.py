@@ -8,6 +8,12 @@ All implementations share one signature and are interchangeable (``EXPERT_IMPLS`
 ``weights`` are the router's dense gates G (zeros outside the chosen experts) and ``indices``
 the chosen experts of sparse (top-k) routing, ``None`` for dense routing.
 
+Shared A (HydraLoRA, ``share_lora_A``): ``lora_A`` may be (1, r, in), one down-projection for
+all N heads of ``lora_B``. Every path then computes h = A x once per token: ``dense`` as one
+(T, r) down-projection whose (T, N*r) gated copy feeds the up-projection, the sparse paths as
+``hybrid`` with a (T, r) down-projection (the pairs pick rows of h) and the grouped
+up-projection, ``triton`` with h computed first and the kernels run on it.
+
 - ``eager``:       the reference: a Python loop over experts. Slow, obviously right.
 - ``dense``:       all experts as one rank N*r LoRA; gates scale the (T, N*r) intermediate.
                    Six GEMMs of rank N*r for forward+backward: the floor for dense routing
@@ -46,6 +52,7 @@ import torch
 
 from molora.core.choose import choose_impl
 from molora.core.kernels.grouped_mm import gmm, gmm_wgrad
+from molora.core.shared import shares_A
 
 ExpertFn = Callable[..., torch.Tensor]
 
@@ -58,11 +65,12 @@ def eager_experts(
     indices: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
-    """Reference: loop over the N experts, y = s * sum_i G_i * B_i (A_i x)."""
+    """Reference: loop over the N experts, y = s * sum_i G_i * B_i (A_i x) (A_i = A_0 when shared)."""
     out = x.new_zeros(x.shape[0], lora_B.shape[1])  # (T, out)
     gates = weights.to(x.dtype)
-    for i in range(lora_A.shape[0]):
-        out = out + gates[:, i : i + 1] * ((x @ lora_A[i].t()) @ lora_B[i].t())
+    for i in range(lora_B.shape[0]):
+        a = lora_A[0] if shares_A(lora_A, lora_B) else lora_A[i]  # (r, in)
+        out = out + gates[:, i : i + 1] * ((x @ a.t()) @ lora_B[i].t())
     return out * scaling
 
 
@@ -77,14 +85,17 @@ def dense_experts(
     """All experts as one rank N*r product; gates (and s) scale the (T, N*r) intermediate.
 
     The gates broadcast over the rank inside a (T, N, r) view, so no (T, N*r) gate tensor is
-    built; autograd saves x, the (T, N*r) intermediate and the (T, N) gates: O(T*N*r).
+    built; autograd saves x, the (T, N*r) intermediate and the (T, N) gates: O(T*N*r). With a
+    shared A (1, r, in) the down-projection is one (T, r) GEMM and the gates scale its copies.
     """
-    num_experts, rank, in_features = lora_A.shape
-    out_features = lora_B.shape[1]
+    num_experts, out_features, rank = lora_B.shape
     num_tokens = x.shape[0]
-    h = x @ lora_A.reshape(num_experts * rank, in_features).t()  # (T, N*r)
+    h = x @ lora_A.reshape(-1, lora_A.shape[2]).t()  # (T, N*r), or (T, r) with a shared A
     gates = weights.to(h.dtype) * scaling  # (T, N)
-    hg = (h.view(num_tokens, num_experts, rank) * gates[:, :, None]).view(num_tokens, num_experts * rank)
+    if shares_A(lora_A, lora_B):
+        hg = (gates[:, :, None] * h[:, None, :]).view(num_tokens, num_experts * rank)  # (T, N*r)
+    else:
+        hg = (h.view(num_tokens, num_experts, rank) * gates[:, :, None]).view(num_tokens, num_experts * rank)
     b_cat = lora_B.permute(1, 0, 2).reshape(out_features, num_experts * rank)  # (out, N*r)
     return hg @ b_cat.t()  # (T, out)
 
@@ -197,15 +208,18 @@ class _HybridLoRA(torch.autograd.Function):
     than the gather plus the grouped GEMM. The up-projection stays grouped (k/N of the dense
     work). Backward: grad_x and grad_A are two dense GEMMs on the (T, N*r) gradient, which is
     zero outside the chosen experts. Saved: x, the (P, r) h and the (P,) gates: O(T*k*r).
+
+    With a shared A (1, r, in) (N_A = 1) h_all is (T, r), computed once per token, each pair's
+    slot is its token, and the backward sums the pairs' dh per token (index_add).
     """
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, top_w, order, token, slot, offs, scaling, use_kernel):
         num_tokens = x.shape[0]
-        num_experts, rank, in_features = lora_A.shape
+        num_a, rank, in_features = lora_A.shape  # N_A = N, or 1 for a shared A
         gate = top_w.reshape(-1).index_select(0, order).to(x.dtype) * scaling  # (P,)
-        h_all = x @ lora_A.reshape(num_experts * rank, in_features).t()  # (T, N*r)
-        h = h_all.view(num_tokens * num_experts, rank).index_select(0, slot)  # (P, r)
+        h_all = x @ lora_A.reshape(num_a * rank, in_features).t()  # (T, N_A*r)
+        h = h_all.view(num_tokens * num_a, rank).index_select(0, slot)  # (P, r)
         del h_all
         out = _grouped_up(h, gate, lora_B, token, offs, num_tokens, use_kernel)  # (T, out)
         ctx.save_for_backward(x, lora_A, lora_B, order, token, slot, offs, gate, h)
@@ -217,19 +231,21 @@ class _HybridLoRA(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, lora_A, lora_B, order, token, slot, offs, gate, h = ctx.saved_tensors
         num_tokens = x.shape[0]
-        num_experts, rank, in_features = lora_A.shape
+        num_a, rank, in_features = lora_A.shape
         need_x, need_A, need_B, need_w = ctx.needs_input_grad[:4]
         grad_B, grad_w, dh = _grouped_up_backward(
             ctx, grad_out, lora_B, order, token, offs, gate, h, need_B=need_B, need_w=need_w, need_h=need_x or need_A
         )
         grad_x = grad_A = None
         if need_x or need_A:
-            dh_all = dh.new_zeros(num_tokens * num_experts, rank).index_copy_(0, slot, dh)
-            dh_all = dh_all.view(num_tokens, num_experts * rank)  # (T, N*r), zero off the chosen experts
+            dh_all = dh.new_zeros(num_tokens * num_a, rank)
+            # slots are unique per pair unless A is shared (then a token's k pairs share one)
+            dh_all = dh_all.index_add_(0, slot, dh) if num_a == 1 else dh_all.index_copy_(0, slot, dh)
+            dh_all = dh_all.view(num_tokens, num_a * rank)  # (T, N_A*r), zero off the chosen experts
             if need_x:
-                grad_x = dh_all @ lora_A.reshape(num_experts * rank, in_features)  # (T, in)
+                grad_x = dh_all @ lora_A.reshape(num_a * rank, in_features)  # (T, in)
             if need_A:
-                grad_A = (dh_all.t() @ x).view(num_experts, rank, in_features)  # (N, r, in)
+                grad_A = (dh_all.t() @ x).view(num_a, rank, in_features)  # (N_A, r, in)
         return grad_x, grad_A, grad_B, grad_w, None, None, None, None, None, None
 
 
@@ -255,12 +271,16 @@ def hybrid_experts(
 ) -> torch.Tensor:
     """Sparse routing with a dense down-projection (x read once) and a grouped up-projection.
 
-    See :class:`_HybridLoRA`; dense routing is treated as top-N.
+    See :class:`_HybridLoRA`; dense routing is treated as top-N. With a shared A (1, r, in)
+    the down-projection is (T, r) and every pair reads its token's row.
     """
-    num_experts = lora_A.shape[0]
+    num_experts = lora_B.shape[0]
     indices, top_w, order, token, offs = _sorted_pairs(weights, indices, num_experts, x.shape[0], x.device)
     with torch.no_grad():
-        slot = token * num_experts + indices.reshape(-1).index_select(0, order)  # (P,) row in (T*N, r)
+        if shares_A(lora_A, lora_B):
+            slot = token  # (P,) row in (T, r)
+        else:
+            slot = token * num_experts + indices.reshape(-1).index_select(0, order)  # (P,) row in (T*N, r)
     return _HybridLoRA.apply(
         x.contiguous(), lora_A, lora_B, top_w, order, token, slot, offs, float(scaling), use_kernel
     )
@@ -279,8 +299,11 @@ def grouped_experts(
     """Sorted token-expert pairs and grouped GEMMs; dense routing is treated as top-N.
 
     Only the chosen experts of each token are computed. Gradients flow to ``weights`` at
-    the chosen positions only (where the router's gates can be non-zero).
+    the chosen positions only (where the router's gates can be non-zero). A shared A (1, r, in)
+    runs :func:`hybrid_experts`: h = A x once per token, only the up-projection grouped.
     """
+    if shares_A(lora_A, lora_B):
+        return hybrid_experts(x, lora_A, lora_B, weights, indices, scaling, use_kernel=use_kernel)
     _, top_w, order, token, offs = _sorted_pairs(weights, indices, lora_A.shape[0], x.shape[0], x.device)
     return _GroupedLoRA.apply(x.contiguous(), lora_A, lora_B, top_w, order, token, offs, float(scaling), use_kernel)
 
@@ -302,9 +325,16 @@ def triton_experts(
         RuntimeError: CPU tensors without Triton's interpreter (``TRITON_INTERPRET=1``).
     """
     kernels = _triton_module()
+    if shares_A(lora_A, lora_B):
+        # h = A x once per token (T, r); the kernels then run on h with an identity
+        # down-projection (stride-0 view, no gradient), adding r*r instead of r*in per pair.
+        x = x @ lora_A[0].t()  # (T, r)
+        rank = lora_A.shape[1]
+        eye = torch.eye(rank, device=x.device, dtype=x.dtype)
+        lora_A = eye.expand(lora_B.shape[0], rank, rank)  # (N, r, r)
     if indices is None:
         return kernels.dense_triton(x, lora_A, lora_B, weights, scaling)
-    _, top_w, order, token, offs = _sorted_pairs(weights, indices, lora_A.shape[0], x.shape[0], x.device)
+    _, top_w, order, token, offs = _sorted_pairs(weights, indices, lora_B.shape[0], x.shape[0], x.device)
     return kernels.sparse_triton(x, lora_A, lora_B, top_w, order, token, offs, scaling)
 
 

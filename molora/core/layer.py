@@ -15,6 +15,7 @@ from torch import nn
 from molora.core.config import lora_scaling
 from molora.core.experts import resolve_impl
 from molora.core.routing import RoutingContext
+from molora.core.shared import shared_experts
 from routers import RouterOutput
 
 try:  # transformers' Conv1D (GPT-2 family); optional so the layer also works on plain torch models
@@ -41,8 +42,11 @@ class MoLoRALinear(nn.Module):
 
     Attributes:
         base_layer: the original module (frozen).
-        lora_A: (N, r, in) expert down-projections, Kaiming-uniform as LoRA.
+        lora_A: (N, r, in) expert down-projections, Kaiming-uniform as LoRA; (1, r, in), one
+            down-projection shared by all experts, with ``share_lora_A`` (HydraLoRA).
         lora_B: (N, out, r) expert up-projections, zero at init (the layer equals its base).
+        lora_A_shared, lora_B_shared: (M, r, in) and (M, out, r), the always-on shared experts
+            (gate 1, outside routing); only when ``num_shared_experts`` = M > 0.
         router: a ``routers`` module returning a RouterOutput.
         scaling: s = lora_alpha / r (or / sqrt(r) with rsLoRA).
         last_routing: RouterOutput of the latest forward (None before the first).
@@ -58,6 +62,8 @@ class MoLoRALinear(nn.Module):
         expert_impl: name in ``molora.core.experts.EXPERT_IMPLS`` or "auto".
         adapter_dtype: dtype of lora_A / lora_B; None keeps float32.
         routing_context: shared per-model routing inputs (task ids); a private one if None.
+        share_lora_A: one A (1, r, in) for all experts; h = A x is computed once per token.
+        num_shared_experts: M always-on experts added as s * sum_j B_j A_j x.
     """
 
     def __init__(
@@ -73,15 +79,21 @@ class MoLoRALinear(nn.Module):
         expert_impl: str = "auto",
         adapter_dtype: torch.dtype | None = None,
         routing_context: RoutingContext | None = None,
+        share_lora_A: bool = False,
+        num_shared_experts: int = 0,
     ):
         super().__init__()
         in_features, out_features, fan_in_fan_out = linear_shape(base_layer)
-        if r < 1 or num_experts < 1:
-            raise ValueError(f"`r` and `num_experts` must be >= 1, got r={r}, num_experts={num_experts}")
+        if r < 1 or num_experts < 1 or num_shared_experts < 0:
+            raise ValueError(
+                f"`r` and `num_experts` must be >= 1 and `num_shared_experts` >= 0, got r={r}, "
+                f"num_experts={num_experts}, num_shared_experts={num_shared_experts}"
+            )
         self.base_layer = base_layer
         self.in_features, self.out_features = in_features, out_features
         self.fan_in_fan_out = fan_in_fan_out
         self.num_experts, self.r = num_experts, r
+        self.share_lora_A, self.num_shared_experts = bool(share_lora_A), num_shared_experts
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
         self.scaling = lora_scaling(lora_alpha, r, use_rslora)
@@ -95,17 +107,28 @@ class MoLoRALinear(nn.Module):
 
         device = base_layer.weight.device
         dtype = adapter_dtype or torch.float32
-        self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_features, device=device, dtype=dtype))
+        num_a = 1 if share_lora_A else num_experts
+        self.lora_A = nn.Parameter(torch.empty(num_a, r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, r, device=device, dtype=dtype))
+        if num_shared_experts:
+            m = num_shared_experts
+            self.lora_A_shared = nn.Parameter(torch.empty(m, r, in_features, device=device, dtype=dtype))
+            self.lora_B_shared = nn.Parameter(torch.zeros(m, out_features, r, device=device, dtype=dtype))
         self.reset_lora_parameters()
         self.router.to(device)
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """A_i ~ Kaiming-uniform(a=sqrt(5)) over fan_in = in (as nn.Linear and PEFT), B_i = 0."""
+        """A_i ~ Kaiming-uniform(a=sqrt(5)) over fan_in = in (as nn.Linear and PEFT), B_i = 0.
+
+        The shared experts' factors are initialized the same way.
+        """
         bound = 1.0 / math.sqrt(self.in_features)
         self.lora_A.uniform_(-bound, bound)
         self.lora_B.zero_()
+        if self.num_shared_experts:
+            self.lora_A_shared.uniform_(-bound, bound)
+            self.lora_B_shared.zero_()
 
     def token_task_ids(self, x: torch.Tensor) -> torch.Tensor | None:
         """(T,) task id of every token of x (batch, ..., in), from the model's (batch,) task ids.
@@ -136,20 +159,39 @@ class MoLoRALinear(nn.Module):
         self.last_routing = routing
         compute_dtype = _compute_dtype(tokens)
         expert_fn = resolve_impl(self.expert_impl, sparse=routing.indices is not None)
+        dropped = self.lora_dropout(tokens).to(compute_dtype)  # (T, in)
         delta = expert_fn(
-            self.lora_dropout(tokens).to(compute_dtype),
+            dropped,
             self.lora_A.to(compute_dtype),
             self.lora_B.to(compute_dtype),
             routing.weights,
             routing.indices,
             self.scaling,
         )  # (T, out)
+        if self.num_shared_experts:
+            shared_A, shared_B = self.lora_A_shared.to(compute_dtype), self.lora_B_shared.to(compute_dtype)
+            delta = delta + shared_experts(dropped, shared_A, shared_B, self.scaling)  # (T, out)
         return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
 
+    def structure(self) -> dict:
+        """This layer's expert structure: {"num_experts", "r", "top_k", "lora_alpha", "scaling",
+        "share_lora_A", "num_shared_experts"} (top_k None: every expert)."""
+        return {
+            "num_experts": self.num_experts,
+            "r": self.r,
+            "top_k": getattr(self.router, "top_k", None),
+            "lora_alpha": self.lora_alpha,
+            "scaling": self.scaling,
+            "share_lora_A": self.share_lora_A,
+            "num_shared_experts": self.num_shared_experts,
+        }
+
     def extra_repr(self) -> str:
+        extra = ", share_lora_A=True" if self.share_lora_A else ""
+        extra += f", num_shared_experts={self.num_shared_experts}" if self.num_shared_experts else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
-            f"r={self.r}, scaling={self.scaling:g}, expert_impl={self.expert_impl!r}"
+            f"r={self.r}, scaling={self.scaling:g}, expert_impl={self.expert_impl!r}{extra}"
         )
 
 

@@ -63,7 +63,9 @@ from molora.merge.factors import (
     MergedFactors,
     cat_factors,
     dense_delta,
+    exact_rank,
     merge_factors,
+    merge_layer,
     svd_factors,
 )
 from molora.merge.gates import (
@@ -188,8 +190,7 @@ def _export_one(
     for name, layer in tqdm(layers.items(), desc=desc, disable=not progress, unit="layer"):
         w = gates[name]  # (N,)
         with torch.no_grad():
-            f = merge_factors(layer.lora_A.detach(), layer.lora_B.detach(), w, float(layer.scaling),
-                              method=method, rank=rank)
+            f = merge_layer(layer, w, method=method, rank=rank)
         report_layers[name] = {
             "rank": f.lora_A.shape[0],
             "rel_error": f.rel_error,
@@ -223,10 +224,11 @@ def _check_svd_rank(model: nn.Module, rank: Any) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool):
         return
     layers = _molora_layers(model).values()
-    exact = max(min(l.num_experts * l.r, l.in_features, l.out_features) for l in layers)
+    exact = max(exact_rank(l) for l in layers)
     if rank > exact:
         raise ValueError(
-            f"`rank`={rank} is above the largest exact rank of any layer ({exact} = min(num_experts * r, in, out)); "
+            f"`rank`={rank} is above the largest exact rank of any layer ({exact} = min(num_experts * r, in, out), "
+            "r for the experts with share_lora_A, plus M * r of M shared experts); "
             f"an SVD export above it only adds zero padding. Use rank <= {exact}, or method='cat' (exact)."
         )
 
@@ -345,7 +347,7 @@ def merge_and_unload(
         raise ValueError("`task='all'` is for export_merged_adapter; merge_and_unload takes one task")
     gates = resolve_weights(model, weights, task)
     for name, layer in tqdm(_molora_layers(model).items(), desc="merge", disable=not progress, unit="layer"):
-        f = cat_factors(layer.lora_A.detach(), layer.lora_B.detach(), gates[name], float(layer.scaling))
+        f = merge_layer(layer, gates[name])  # exact ("cat"), shared experts included
         delta = f.lora_B @ f.lora_A  # (out, in)
         weight = layer.base_layer.weight  # (out, in), or (in, out) for Conv1D
         if getattr(layer, "fan_in_fan_out", False):

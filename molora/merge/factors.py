@@ -4,15 +4,25 @@
 - ``svd_factors``: best rank-k approximation (Eckart-Young) from the factors: QR of the stacked
   factors, SVD of the small core; never forms out x in. Reports the relative Frobenius error.
 - ``dense_delta``: the dense reference (forms out x in; for tests and for folding into W0).
+- ``merge_layer`` / ``exact_rank``: the same for a MoLoRA layer, its structure included.
+
+Structures (DESIGN §6): with a shared A (``lora_A`` (1, r, in), HydraLoRA) every merge is
+exact at rank r: lora_A = A, lora_B = s * sum_i w_i B_i, and "cat" gives that rank-r form
+rather than r * #nonzero. Shared experts (``shared`` = (A_sh (M, r, in), B_sh (M, out, r)))
+are part of every merge with weight 1: "cat" appends their M*r rows (stacked A_sh, s * B_sh);
+they keep their own A, so a shared-A merge with M shared experts has rank r + M*r.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+from molora.core.shared import shares_A
+
 METHODS = ("cat", "svd")
+Shared = tuple[torch.Tensor, torch.Tensor] | None  # (A_sh (M, r, in), B_sh (M, out, r)) or None
 
 class MergedFactors(NamedTuple):
     """A low-rank factorization dW ~= lora_B @ lora_A of one layer's merged update.
@@ -34,9 +44,12 @@ def _check_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Te
             f"`lora_A` must be (N, r, in) and `lora_B` (N, out, r), got {tuple(lora_A.shape)} "
             f"and {tuple(lora_B.shape)}"
         )
-    n, r, _ = lora_A.shape
-    if lora_B.shape[0] != n or lora_B.shape[2] != r:
-        raise ValueError(f"`lora_B` must be (N={n}, out, r={r}), got {tuple(lora_B.shape)}")
+    n, r = lora_B.shape[0], lora_A.shape[1]
+    if lora_A.shape[0] not in (1, n) or lora_B.shape[2] != r:
+        raise ValueError(
+            f"`lora_A` must be (N, r, in) or shared (1, r, in) and `lora_B` (N, out, r={r}), got "
+            f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}"
+        )
     if weights.shape != (n,):
         raise ValueError(f"`weights` must have shape (N,) = ({n},), got {tuple(weights.shape)}")
     if not torch.isfinite(weights).all():
@@ -44,15 +57,16 @@ def _check_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Te
 
 
 def dense_delta(
-    lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float
+    lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float, shared: Shared = None
 ) -> torch.Tensor:
-    """Reference dense update dW = s * sum_i w_i B_i A_i (forms out x in; tests and merging).
+    """Reference dense update dW = s * sum_i w_i B_i A_i (+ s * sum_j B_sh_j A_sh_j) (forms out x in).
 
     Args:
-        lora_A: (N, r, in) stacked expert A.
+        lora_A: (N, r, in) stacked expert A, or (1, r, in) shared.
         lora_B: (N, out, r) stacked expert B.
         weights: (N,) static gates.
         scaling: molora's s (already including rsLoRA).
+        shared: the shared experts (A_sh (M, r, in), B_sh (M, out, r)) with weight 1, or None.
 
     Returns:
         (out, in) float32 tensor.
@@ -60,27 +74,55 @@ def dense_delta(
     _check_factors(lora_A, lora_B, weights)
     w = weights.to(device=lora_A.device, dtype=torch.float32)
     scaled_B = lora_B.float() * (scaling * w)[:, None, None]  # (N, out, r)
-    return torch.einsum("nor,nri->oi", scaled_B, lora_A.float())  # (out, in)
+    delta = torch.einsum("nor,nri->oi", scaled_B, lora_A.float().expand(lora_B.shape[0], -1, -1))  # (out, in)
+    if shared is not None:
+        delta = delta + scaling * torch.einsum("mor,mri->oi", shared[1].float(), shared[0].float())
+    return delta
 
 
 def cat_factors(
-    lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float
+    lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float, shared: Shared = None
 ) -> MergedFactors:
     """Exact rank-(r * #nonzero) factors of dW: stacked A_i, concatenated s * w_i * B_i.
 
-    Experts with w_i == 0 are dropped. All zero weights give rank-0 factors.
+    Experts with w_i == 0 are dropped. All zero weights give rank-0 factors. With a shared A
+    (1, r, in) the factors are A and s * sum_i w_i B_i: rank r (0 when every w_i is 0). Shared
+    experts add their M*r rows (A_sh stacked, s * B_sh concatenated) after the routed ones.
 
     Args:
-        lora_A: (N, r, in) stacked expert A.
+        lora_A: (N, r, in) stacked expert A, or (1, r, in) shared.
         lora_B: (N, out, r) stacked expert B.
         weights: (N,) static gates.
         scaling: molora's s.
+        shared: the shared experts (A_sh (M, r, in), B_sh (M, out, r)), or None.
 
     Returns:
         MergedFactors with lora_A (r', in), lora_B (out, r'), rel_error 0.0.
     """
     _check_factors(lora_A, lora_B, weights)
     w = weights.to(device=lora_A.device, dtype=torch.float32)
+    if shares_A(lora_A, lora_B):
+        routed = _shared_A_factors(lora_A, lora_B, w, scaling)
+    else:
+        routed = _cat_routed(lora_A, lora_B, w, scaling)
+    if shared is None or shared[0].shape[0] == 0:
+        return routed
+    tail = _cat_routed(shared[0], shared[1], torch.ones(shared[0].shape[0], device=w.device), scaling)
+    cat_A = torch.cat([routed.lora_A, tail.lora_A.to(routed.lora_A.device)])  # (r' + M r, in)
+    cat_B = torch.cat([routed.lora_B, tail.lora_B.to(routed.lora_B.device)], dim=1)  # (out, r' + M r)
+    return MergedFactors(cat_A, cat_B, 0.0)
+
+
+def _shared_A_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, w: torch.Tensor, scaling: float) -> MergedFactors:
+    """HydraLoRA's exact rank-r merge: lora_A = A (r, in), lora_B = s * sum_i w_i B_i (out, r)."""
+    if not bool((w != 0).any()):
+        return MergedFactors(lora_A.new_zeros(0, lora_A.shape[2]).float(), lora_B.new_zeros(lora_B.shape[1], 0).float(), 0.0)
+    merged_B = torch.einsum("n,nor->or", scaling * w, lora_B.float())  # (out, r)
+    return MergedFactors(lora_A[0].float().contiguous(), merged_B.contiguous(), 0.0)
+
+
+def _cat_routed(lora_A: torch.Tensor, lora_B: torch.Tensor, w: torch.Tensor, scaling: float) -> MergedFactors:
+    """Stacked A_i and concatenated s * w_i * B_i of the experts with w_i != 0."""
     keep = (w != 0).nonzero().flatten()  # (n',)
     n_keep, r, d_in = keep.numel(), lora_A.shape[1], lora_A.shape[2]
     d_out = lora_B.shape[1]
@@ -91,7 +133,7 @@ def cat_factors(
 
 
 def svd_factors(
-    lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float, rank: int
+    lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float, rank: int, shared: Shared = None
 ) -> MergedFactors:
     """Best rank-``rank`` factors of dW (Eckart-Young), without forming out x in.
 
@@ -103,11 +145,12 @@ def svd_factors(
     the factors are zero-padded (still exact), so the result always has rank ``rank`` rows.
 
     Args:
-        lora_A: (N, r, in) stacked expert A.
+        lora_A: (N, r, in) stacked expert A, or (1, r, in) shared.
         lora_B: (N, out, r) stacked expert B.
         weights: (N,) static gates.
         scaling: molora's s.
         rank: target rank k >= 1.
+        shared: the shared experts, or None (see :func:`cat_factors`).
 
     Returns:
         MergedFactors with lora_A (k, in), lora_B (out, k) and the relative Frobenius error
@@ -118,7 +161,7 @@ def svd_factors(
     """
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"`rank` must be an int >= 1 for method='svd', got {rank!r}")
-    exact = cat_factors(lora_A, lora_B, weights, scaling)
+    exact = cat_factors(lora_A, lora_B, weights, scaling, shared)
     cat_A, cat_B = exact.lora_A.double(), exact.lora_B.double()  # (R, in), (out, R)
     d_out, d_in, big_r = cat_B.shape[0], cat_A.shape[1], cat_A.shape[0]
     out_A = torch.zeros(rank, d_in, dtype=torch.float64, device=cat_A.device)  # (k, in)
@@ -146,6 +189,7 @@ def merge_factors(
     *,
     method: str = "cat",
     rank: int | None = None,
+    shared: Shared = None,
 ) -> MergedFactors:
     """Dispatch to :func:`cat_factors` or :func:`svd_factors` by name.
 
@@ -155,7 +199,31 @@ def merge_factors(
     if method == "cat":
         if rank is not None:
             raise ValueError(f"`rank` applies to method='svd' only (cat is exact), got rank={rank}")
-        return cat_factors(lora_A, lora_B, weights, scaling)
+        return cat_factors(lora_A, lora_B, weights, scaling, shared)
     if method == "svd":
-        return svd_factors(lora_A, lora_B, weights, scaling, lora_A.shape[1] if rank is None else rank)
+        return svd_factors(lora_A, lora_B, weights, scaling, lora_A.shape[1] if rank is None else rank, shared)
     raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
+
+
+def layer_shared(layer: Any) -> Shared:
+    """A MoLoRA layer's shared experts (A_sh, B_sh), detached, or None when it has none."""
+    if not getattr(layer, "num_shared_experts", 0):
+        return None
+    return layer.lora_A_shared.detach(), layer.lora_B_shared.detach()
+
+
+def merge_layer(
+    layer: Any, weights: torch.Tensor, *, method: str = "cat", rank: int | None = None
+) -> MergedFactors:
+    """:func:`merge_factors` of a MoLoRA layer: its experts, shared A and shared experts, its scaling."""
+    return merge_factors(
+        layer.lora_A.detach(), layer.lora_B.detach(), weights, float(layer.scaling),
+        method=method, rank=rank, shared=layer_shared(layer),
+    )  # fmt: skip
+
+
+def exact_rank(layer: Any) -> int:
+    """The rank of a layer's exact ("cat") merge at most: N*r (r with a shared A) + M*r, capped by in, out."""
+    routed = layer.r if shares_A(layer.lora_A, layer.lora_B) else layer.num_experts * layer.r
+    total = routed + getattr(layer, "num_shared_experts", 0) * layer.r
+    return min(total, layer.in_features, layer.out_features)

@@ -15,6 +15,10 @@ so that s * B'_i A'_i = s_i B_i A_i exactly. Adapters of smaller rank than ``con
 padded that way: the zero columns of B keep the padded slots inert but trainable (their A
 rows are random, not zero, so gradients can reach them if the experts are unfrozen).
 
+Shared experts (``num_shared_experts``) start as zero updates and stay trainable even with
+``freeze_experts`` (a residual adapter beside the frozen ones). ``share_lora_A`` and
+``num_experts_pattern`` are refused: independent adapters have their own A's and one expert each.
+
 Only safetensors adapters are read (no pickle). Adapters are checked against the base model
 (module names, shapes, and the recorded base model name) before any weight is assigned.
 """
@@ -35,6 +39,7 @@ from torch import nn
 
 from molora.core.config import lora_scaling
 from molora.core.layer import linear_shape
+from molora.core.patterns import pattern_value
 from molora.io import base_model_name
 
 __all__ = ["LoraAdapter", "from_lora_adapters", "read_lora_adapter"]
@@ -216,9 +221,12 @@ def from_lora_adapters(
         The MoLoRAModel.
 
     Raises:
-        ValueError: wrong number of adapters, rank above ``config.r``, adapters of another
-            base model, or target modules that differ from the config's or between adapters.
+        ValueError: wrong number of adapters, rank above ``config.r`` (or above a layer's
+            ``rank_pattern`` rank), adapters of another base model, target modules that differ
+            from the config's or between adapters, or a structure that independent adapters
+            cannot fill: ``share_lora_A`` (one A for all experts) or ``num_experts_pattern``.
     """
+    _check_structure(config)
     adapters = _read_adapters(paths, config)
     _check_against_base(adapters, base, check_base_name)
     model = build(base, config)
@@ -240,6 +248,19 @@ def from_lora_adapters(
     return model
 
 
+def _check_structure(config: Any) -> None:
+    if getattr(config, "share_lora_A", False):
+        raise ValueError(
+            "`share_lora_A=True` cannot be built from LoRA adapters: each adapter has its own A, and the shared-A "
+            "form has one A for all experts; use share_lora_A=False (the default) with from_lora_adapters"
+        )
+    if getattr(config, "num_experts_pattern", None):
+        raise ValueError(
+            f"`num_experts_pattern`={config.num_experts_pattern!r} cannot be used with from_lora_adapters: every "
+            f"layer has one expert per adapter (num_experts={config.num_experts})"
+        )
+
+
 def _read_adapters(paths: Sequence[str | os.PathLike], config: Any) -> list[LoraAdapter]:
     """Read every adapter and check them against the config and against each other."""
     paths = list(paths)
@@ -249,9 +270,15 @@ def _read_adapters(paths: Sequence[str | os.PathLike], config: Any) -> list[Lora
             f"and {len(paths)} adapter paths"
         )
     adapters = [read_lora_adapter(p) for p in paths]
+    rank_pattern = getattr(config, "rank_pattern", None)
     max_rank = max(a.shape[0] for ad in adapters for a, _ in ad.factors.values())
-    if max_rank > config.r:
+    if max_rank > config.r and not rank_pattern:
         raise ValueError(f"`r` must be >= the largest adapter rank {max_rank}, got r={config.r}")
+    for module in adapters[0].factors:
+        layer_r = pattern_value(rank_pattern, module, config.r)
+        rank = max(ad.factors[module][0].shape[0] for ad in adapters if module in ad.factors)
+        if rank > layer_r:
+            raise ValueError(f"`r` of {module} (r or rank_pattern) must be >= its largest adapter rank {rank}, got {layer_r}")
     first = set(adapters[0].factors)
     for i, adapter in enumerate(adapters[1:], start=1):
         if set(adapter.factors) != first:

@@ -18,7 +18,7 @@ def param_groups(
     model: MoLoRAModel, *, lr: float, router_lr: float | None, loraplus_lr_ratio: float | None, weight_decay: float
 ) -> list[dict]:
     """AdamW parameter groups: experts' A (and modules_to_save) at ``lr``; experts' B at
-    ``loraplus_lr_ratio * lr`` (LoRA+, Hayou et al. 2024); routers at ``router_lr`` without
+    ``loraplus_lr_ratio * lr`` (LoRA+, Hayou et al. 2024; shared experts' B too); routers at ``router_lr`` without
     weight decay. Empty groups are left out; each group has a ``name``.
 
     Args:
@@ -37,7 +37,7 @@ def param_groups(
             continue
         if ".router." in name:
             groups["router"].append(param)
-        elif name.endswith("lora_B"):
+        elif name.endswith(("lora_B", "lora_B_shared")):  # LoRA+ applies to every B factor
             groups["lora_B"].append(param)
         else:
             groups["base"].append(param)
