@@ -206,8 +206,10 @@ def _export_one(
         if problems:
             raise ValueError("the vLLM export breaks vLLM's rules:\n  - " + "\n  - ".join(problems))
         report["max_lora_rank"] = serve_rank
+        report["base_model"] = config.get("base_model_name_or_path")
         report["serve"] = serve_command(
-            opts["path"] / folder if folder else opts["path"], serve_rank, config.get("base_model_name_or_path")
+            {folder or opts["path"].name: opts["path"] / folder if folder else opts["path"]}, serve_rank,
+            report["base_model"],
         )
     if opts["eval_batches"] is not None:
         report["fidelity"] = measure_fidelity(

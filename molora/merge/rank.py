@@ -84,7 +84,8 @@ def format_rank_table(auto: Mapping[str, Any]) -> str:
     lines = [f"{'rank':>5}  {'max rel. error':>14}  worst layer"]
     for row in auto["table"]:
         mark = "  <- chosen" if row["rank"] == auto["rank"] else ""
-        lines.append(f"{row['rank']:>5}  {row['max_rel_error']:>14.3e}  {row['worst_layer']}{mark}")
+        worst = row["worst_layer"] if row["max_rel_error"] > 0 else "-"
+        lines.append(f"{row['rank']:>5}  {row['max_rel_error']:>14.3e}  {worst}{mark}")
     how = "cat (exact)" if auto["method"] == "cat" else f"svd rank {auto['rank']}"
     lines.append(f"tolerance {auto['tolerance']:g}: {how}; exact cat would be rank {auto['cat_rank']}")
     return "\n".join(lines)

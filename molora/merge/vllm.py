@@ -60,12 +60,14 @@ def vllm_rank(rank: int) -> int:
     )
 
 
-def serve_command(path: str | os.PathLike, rank: int, base: str | None = None, name: str = "molora") -> str:
-    """The ``vllm serve`` command line that serves the adapter at ``path`` (rank ``rank``)."""
-    return (
-        f"vllm serve {base or '<BASE_MODEL>'} --enable-lora --max-lora-rank {vllm_rank(rank)} "
-        f"--lora-modules {name}={path}"
-    )
+def serve_command(
+    adapters: Mapping[str, str | os.PathLike] | str | os.PathLike, rank: int, base: str | None = None
+) -> str:
+    """The ``vllm serve`` command line serving ``adapters`` ({name: folder}, or one folder) of rank <= ``rank``."""
+    if not isinstance(adapters, Mapping):
+        adapters = {Path(adapters).name or "molora": adapters}
+    modules = " ".join(f"{name}={path}" for name, path in adapters.items())
+    return f"vllm serve {base or '<BASE_MODEL>'} --enable-lora --max-lora-rank {vllm_rank(rank)} --lora-modules {modules}"
 
 
 def check_vllm_config(
