@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from molora.training.data import load_task_datasets, mix_tasks, tokenize_causal_lm, tokenize_classification
+from molora.training.data import (
+    MESSAGES_COLUMN,
+    load_task_datasets,
+    mix_tasks,
+    tokenize_causal_lm,
+    tokenize_chat,
+    tokenize_classification,
+)
 from molora.training.run_config import RunConfig, TaskSpec, TrainSection
 
 __all__ = ["EpochSampler", "build_datasets", "build_loaders", "check_files"]
@@ -33,8 +40,13 @@ def check_files(config: RunConfig) -> None:
 
 
 def _tokenize(ds, spec: TaskSpec, config: RunConfig, tokenizer):
-    """One task's examples tokenized for the model's task type, with its columns (the task's, or the data section's)."""
+    """One task's examples tokenized for the model's task type, with its columns (the task's, or the data section's).
+
+    Causal-LM rows with a ``messages`` column are chat conversations (:func:`tokenize_chat`).
+    """
     d = config.data
+    if config.model.task_type == "causal_lm" and MESSAGES_COLUMN in ds.column_names:
+        return tokenize_chat(ds, tokenizer, max_length=d.max_length)
     if config.model.task_type == "causal_lm":
         return tokenize_causal_lm(
             ds,

@@ -207,6 +207,8 @@ def _train_steps(run: _Run) -> None:
             _log_train(run, window, window_steps, lrs)
             window_steps = 0
             bar.set_postfix(loss=f"{run.last_loss:.4f}")
+            if bar.disable:  # no bar to show it: print the loss at log_every instead
+                run.accelerator.print(f"step {run.step}/{t.max_steps} | loss {run.last_loss:.4f} | {_lr_text(lrs)}")
         if t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps:
             run.last_eval = _run_eval(run)
         if t.save_every and run.step % t.save_every == 0 and run.step < t.max_steps:
@@ -220,6 +222,10 @@ def _train_steps(run: _Run) -> None:
                 keep=t.save_total_limit,
             )
     bar.close()
+
+
+def _lr_text(lrs: dict[str, float]) -> str:
+    return " ".join(f"{name} {lr:.2e}" for name, lr in lrs.items())
 
 
 def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]:
