@@ -67,7 +67,9 @@ def serve_command(
     if not isinstance(adapters, Mapping):
         adapters = {Path(adapters).name or "molora": adapters}
     modules = " ".join(f"{name}={path}" for name, path in adapters.items())
-    return f"vllm serve {base or '<BASE_MODEL>'} --enable-lora --max-lora-rank {vllm_rank(rank)} --lora-modules {modules}"
+    return (
+        f"vllm serve {base or '<BASE_MODEL>'} --enable-lora --max-lora-rank {vllm_rank(rank)} --lora-modules {modules}"
+    )
 
 
 def check_vllm_config(

@@ -59,7 +59,9 @@ def _task_gates(path: Path, config: dict[str, Any], layers: list[str]) -> list[s
     lines.append(f"  {'layer':<{width}}  " + "  ".join(f"{n:<{6 * config['num_experts']}}" for n in names))
     for layer in layers:
         router = TaskRouter(
-            num_experts=config["num_experts"], num_tasks=config["num_tasks"], top_k=config.get("top_k"),
+            num_experts=config["num_experts"],
+            num_tasks=config["num_tasks"],
+            top_k=config.get("top_k"),
             normalize_top_k=config.get("normalize_top_k"),
         )
         router.table.data.copy_(weights[f"{layer}.router.table"])
@@ -75,7 +77,17 @@ def _describe_molora(path: Path) -> list[str]:
     config, tensors = meta["config"], meta["tensors"]
     shapes = _shapes_by_module(tensors)
     params = sum(math.prod(s) for s in tensors.values())
-    keys = ("router", "num_experts", "r", "lora_alpha", "top_k", "num_tasks", "task_names", "use_rslora", "target_modules")
+    keys = (
+        "router",
+        "num_experts",
+        "r",
+        "lora_alpha",
+        "top_k",
+        "num_tasks",
+        "task_names",
+        "use_rslora",
+        "target_modules",
+    )
     lines = [f"MoLoRA adapter: {path}", f"  base model: {meta.get('base_model_name_or_path')}"]
     lines.append("  config: " + ", ".join(f"{k}={config.get(k)!r}" for k in keys if config.get(k) is not None))
     lines.append(f"  {len(meta['modules'])} layers, {params:,d} parameters (experts, routers, modules_to_save)")
@@ -113,7 +125,11 @@ def _describe_peft(path: Path) -> list[str]:
         )
         if report.get("fidelity"):
             f = report["fidelity"]
-            losses = "" if f["loss_routed"] is None else f", loss routed {f['loss_routed']:.4f} exported {f['loss_exported']:.4f}"
+            losses = (
+                ""
+                if f["loss_routed"] is None
+                else f", loss routed {f['loss_routed']:.4f} exported {f['loss_exported']:.4f}"
+            )
             lines.append(f"  fidelity: mean KL {f['mean_kl']:.3e}, max |dlogit| {f['max_abs_logit_diff']:.3e}{losses}")
     problems = check_vllm_adapter(path)
     lines.append("  vLLM: servable as it is" if not problems else "  vLLM: not servable as it is:")
