@@ -208,7 +208,8 @@ def _export_one(
         report["max_lora_rank"] = serve_rank
         report["base_model"] = config.get("base_model_name_or_path")
         report["serve"] = serve_command(
-            {folder or opts["path"].name: opts["path"] / folder if folder else opts["path"]}, serve_rank,
+            {folder or opts["path"].name: opts["path"] / folder if folder else opts["path"]},
+            serve_rank,
             report["base_model"],
         )
     if opts["eval_batches"] is not None:
@@ -241,6 +242,21 @@ def _all_tasks(model: nn.Module, weights: Any) -> list[Any]:
             f"{type(router).__name__}. Use measure_gates(model, batches, by_task=True)."
         )
     return list(range(router.num_tasks))
+
+
+def _export_all_tasks(model: nn.Module, path: Path, weights: Any, opts: dict[str, Any]) -> dict[str, Any]:
+    """One adapter folder per task under ``path`` and the combined report (``task="all"``)."""
+    tasks = _all_tasks(model, weights)
+    with export_directory(path) as tmp:
+        reports = {}
+        for tid in tasks:
+            folder = _folder_name(model, tid)
+            (tmp / folder).mkdir()
+            gates = resolve_weights(model, weights, tid)
+            reports[folder] = {**_export_one(model, tmp / folder, gates, opts, task=tid, folder=folder), "task": tid}
+            (tmp / folder / MERGE_REPORT).write_text(json.dumps(reports[folder], indent=2))
+        (tmp / MERGE_REPORT).write_text(json.dumps(reports, indent=2))
+    return reports
 
 
 def export_merged_adapter(
@@ -308,20 +324,7 @@ def export_merged_adapter(
         "path": path,
     }
     if task == "all":
-        tasks = _all_tasks(model, weights)
-        with export_directory(path) as tmp:
-            reports = {}
-            for tid in tasks:
-                folder = _folder_name(model, tid)
-                (tmp / folder).mkdir()
-                gates = resolve_weights(model, weights, tid)
-                reports[folder] = {
-                    **_export_one(model, tmp / folder, gates, opts, task=tid, folder=folder),
-                    "task": tid,
-                }
-                (tmp / folder / MERGE_REPORT).write_text(json.dumps(reports[folder], indent=2))
-            (tmp / MERGE_REPORT).write_text(json.dumps(reports, indent=2))
-        return reports
+        return _export_all_tasks(model, path, weights, opts)
     gates = resolve_weights(model, weights, task)
     with export_directory(path) as tmp:
         report = {**_export_one(model, tmp, gates, opts, task=task), "task": task}
