@@ -92,7 +92,7 @@ def _per_row(routed: torch.Tensor, exported: torch.Tensor, mask: torch.Tensor | 
         shift = True
     real = torch.ones(routed.shape[:2], device=routed.device) if mask is None else mask.to(routed.device).float()
     log_r, log_e = routed.log_softmax(-1), exported.log_softmax(-1)  # (B, L, V)
-    kl = (log_r.exp() * (log_r - log_e)).sum(-1)  # (B, L)
+    kl = (log_r.exp() * (log_r - log_e)).sum(-1).clamp(min=0)  # (B, L); >= 0, rounding aside
     diff = (routed - exported).abs().amax(-1)  # (B, L)
     rows = [(kl * real).sum(1), real.sum(1), (diff * real).amax(1)]
     if labels is None:
