@@ -18,6 +18,7 @@ from molora.core.routing import RoutingContext, replay_routing, validate_task_id
 from molora.inject import inject_molora, unload_molora
 from molora.io import load_molora, save_molora
 from molora.merge import export, from_peft
+from molora.routing_report import accumulate, format_routing, plot_routing, routing_report
 
 
 class MoLoRAModel(nn.Module):
@@ -252,16 +253,11 @@ class MoLoRAModel(nn.Module):
 
     @torch.no_grad()
     def _update_routing_stats(self) -> None:
+        cfg = self.molora_config
+        num_tasks = cfg.num_tasks or (len(cfg.task_names) if cfg.task_names else None)
         for name, routing in self._routings():
-            mask = self._layer_mask(routing.num_tokens)
-            weights = routing.weights if mask is None else routing.weights[mask.to(routing.weights.device).bool()]
-            selected = (weights > 0).float()  # (T, N)
-            stats = self._stats.setdefault(
-                name, {"tokens": torch.zeros((), device=weights.device), "load": 0, "gates": 0}
-            )
-            stats["tokens"] = stats["tokens"] + weights.shape[0]
-            stats["load"] = stats["load"] + selected.sum(0)
-            stats["gates"] = stats["gates"] + weights.sum(0)
+            stats = self._stats.setdefault(name, {})
+            accumulate(stats, routing.weights, self._layer_mask(routing.num_tokens), self.routing_context.task_ids, num_tasks)
 
     def routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per-layer expert load over the forwards since the last ``reset_routing_stats()``.
@@ -275,6 +271,28 @@ class MoLoRAModel(nn.Module):
             tokens = s["tokens"].clamp(min=1)
             out[name] = {"load": (s["load"] / tokens).cpu(), "gates": (s["gates"] / tokens).cpu(), "tokens": int(s["tokens"])}
         return out
+
+    def routing_report(self) -> dict[str, Any]:
+        """Per-layer expert load, pooled and per task, since the last ``reset_routing_stats()``.
+
+        Returns:
+            ``{layer: {"all": {"load", "gates", "tokens"}, "tasks": {task name: {...}}}}``
+            (see :func:`molora.routing_report.routing_report`); per-task rows need
+            ``task_ids`` in the forwards and ``config.num_tasks`` or ``config.task_names``.
+        """
+        return routing_report(self._stats, self.molora_config.task_names)
+
+    def print_routing(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Print the per-layer, per-task load table; with ``path``, also write it as a PNG
+        heat map when matplotlib is installed (a note is printed when it is not). Returns the report."""
+        report = self.routing_report()
+        print(format_routing(report))
+        if path is not None and report:
+            try:
+                print(f"wrote {plot_routing(report, path)}")
+            except ImportError:
+                print(f"{path} not written: matplotlib is not installed (pip install matplotlib)")
+        return report
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

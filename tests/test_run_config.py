@@ -98,7 +98,7 @@ def test_unknown_key_names_it_and_lists_known(tiny_config_path):
         ("molora.router=moe", r"molora: `router` must be one of"),
         ("data.mixing=random", r"'data\.mixing' must be one of \['equal', 'size', 'temperature'\], got 'random'"),
         ("model.task_type=seq2seq", r"'model\.task_type' must be one of"),
-        ("molora.router=task", r"'molora\.num_tasks'|`num_tasks`"),
+        ("molora.num_tasks=0", r"`num_tasks` must be an int >= 1"),
     ],
 )
 def test_bad_values_name_key_and_value(tiny_config_path, override, pattern):
@@ -116,6 +116,9 @@ def test_all_problems_are_reported_at_once(tiny_config_path):
 def test_task_router_needs_one_task_id_per_task(tiny_config_path):
     config = load_run_config(tiny_config_path, ["molora.router=task", "molora.num_tasks=2", "molora.top_k=null"])
     assert config.molora.router == "task"
+    inferred = load_run_config(tiny_config_path, ["molora.router=task", "molora.top_k=null"])  # from data.tasks
+    assert inferred.molora.num_tasks == 2 and inferred.molora.task_names == ["reverse", "sort"]
+    assert load_run_config(tiny_config_path).molora.task_names == ["reverse", "sort"]  # task ids by name
     with pytest.raises(RunConfigError, match=r"'molora\.num_tasks' must equal the number of data\.tasks \(2"):
         load_run_config(tiny_config_path, ["molora.router=task", "molora.num_tasks=3", "molora.top_k=null"])
 

@@ -1,6 +1,6 @@
-"""The ``molora`` command line: ``molora train|export|inspect|bench|demo``.
+"""The ``molora`` command line: ``molora train|export|inspect|check-vllm|bench|demo``.
 
-Each subcommand lives in ``molora.apps.commands.<name>`` with ``add_parser(subparsers)`` and
+Each subcommand lives in ``molora.apps.commands.<name>`` (dashes as underscores) with ``add_parser(subparsers)`` and
 ``run(args) -> int``; modules are imported only when their subcommand runs, so ``molora
 --help`` stays fast.
 """
@@ -15,9 +15,14 @@ COMMANDS = {
     "train": "train a MoLoRA model from a YAML config",
     "export": "export merged PEFT LoRA adapters from a MoLoRA run or adapter",
     "inspect": "summarize a run and plot its routing",
+    "check-vllm": "check that vLLM's LoRA loader takes a PEFT adapter folder as it is",
     "bench": "benchmark the expert compute paths",
     "demo": "the offline multitask demo on a real pretrained model",
 }
+
+
+def _module(command: str) -> str:
+    return f"molora.apps.commands.{command.replace('-', '_')}"
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
@@ -25,7 +30,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for name, help_text in COMMANDS.items():
         if name == selected:
-            importlib.import_module(f"molora.apps.commands.{name}").add_parser(sub)
+            importlib.import_module(_module(name)).add_parser(sub)
         else:
             sub.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -39,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if selected is None:
         parser.print_help()
         return 0 if not argv else 2
-    module = importlib.import_module(f"molora.apps.commands.{selected}")
+    module = importlib.import_module(_module(selected))
     return int(module.run(args) or 0)
 
 

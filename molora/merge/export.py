@@ -39,15 +39,23 @@ Format decisions (documented here because PEFT readers depend on them):
   with ``modules_to_save`` set in the config.
 - ``fan_in_fan_out`` is true when a merged layer wraps transformers' Conv1D (GPT-2); LoRA
   factor shapes are (r, in) and (out, r) either way.
+- ``target="vllm"`` (:mod:`molora.merge.vllm`): one rank from vLLM's set on every module
+  (the factors zero-padded up), so no ``rank_pattern``; no ``modules_to_save`` (an error
+  names them); the written folder is checked with vLLM's rules before it replaces anything,
+  and the report names the ``--max-lora-rank`` to serve it with (``"max_lora_rank"``,
+  ``"serve"``).
+- ``rank="auto"`` (:mod:`molora.merge.rank`): the smallest rank whose relative Frobenius
+  error is <= ``tolerance`` on every layer, "cat" when that is exact and not larger; the
+  rank-versus-error table is in the report (``"auto"``).
+- ``eval_batches`` (:mod:`molora.merge.fidelity`): the routed model against the exported
+  adapter, saved under ``"fidelity"`` (per task where the batches carry task ids).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +63,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from molora.atomic import atomic_directory
 from molora.core.config import task_folder_name
-from molora.io import base_model_name
 from molora.merge.factors import (
     METHODS,
     MergedFactors,
@@ -66,12 +72,15 @@ from molora.merge.factors import (
     exact_rank,
     merge_factors,
     merge_layer,
+    pad_factors,
     svd_factors,
 )
+from molora.merge.fidelity import measure_fidelity
 from molora.merge.gates import (
     Gates,
     _is_by_task,
     _molora_layers,
+    _task_index,
     _task_names,
     gates_from_json,
     load_gates,
@@ -79,6 +88,17 @@ from molora.merge.gates import (
     resolve_weights,
     save_gates,
 )
+from molora.merge.peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MERGE_REPORT,
+    export_directory,
+    peft_adapter_config,
+)
+from molora.merge.rank import choose_rank
+from molora.merge.vllm import check_vllm_config, serve_command, vllm_rank
+
+TARGETS = ("peft", "vllm")
 
 __all__ = [
     "MergedFactors",
@@ -96,126 +116,103 @@ __all__ = [
     "svd_factors",
 ]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MERGE_REPORT = "merge_report.json"
+
+def _layer_factors(
+    layers: Mapping[str, nn.Module], gates: Gates, *, method: str, rank: int | None, progress: bool, desc: str
+) -> dict[str, MergedFactors]:
+    """{layer: its merged factors} (float32), computed layer by layer."""
+    from tqdm.auto import tqdm
+
+    out = {}
+    for name, layer in tqdm(layers.items(), desc=desc, disable=not progress, unit="layer"):
+        with torch.no_grad():
+            out[name] = merge_layer(layer, gates[name], method=method, rank=rank)  # shared experts included
+    return out
 
 
-# --------------------------------------------------------------------------- adapter format
-
-
-def _atomic_dir(path: Path):
-    """:func:`molora.atomic.atomic_directory`, refusing to write into a folder that is not a
-    previous export; in a previous export, files the export did not write are kept."""
-    path = Path(path)
-    if path.is_dir() and any(path.iterdir()) and not (path / MERGE_REPORT).exists():
-        raise FileExistsError(
-            f"export path {path} is a non-empty folder that is not a previous molora export; "
-            "choose an empty or new folder"
+def _check_target(model: nn.Module, target: str) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"`target` must be one of {list(TARGETS)}, got {target!r}")
+    to_save = list(getattr(model, "modules_to_save", None) or [])
+    if target == "vllm" and to_save:
+        raise ValueError(
+            f"target='vllm': the model trains modules_to_save={to_save}, which vLLM's LoRA loader refuses "
+            "(its adapters hold LoRA factors only); export with target='peft', or train without modules_to_save"
         )
-    return atomic_directory(path, owned=lambda name: _is_export_entry(path / name))
 
 
-def _is_export_entry(entry: Path) -> bool:
-    """An entry a previous export wrote (replaced by the new export); anything else is the user's."""
-    if entry.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_REPORT):
-        return True
-    return entry.is_dir() and (entry / ADAPTER_CONFIG).is_file() and (entry / ADAPTER_WEIGHTS).is_file()
-
-
-def _peft_task_type(base: nn.Module) -> str | None:
-    cls = type(base).__name__
-    return "CAUSAL_LM" if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel") else None
-
-
-def _peft_target_modules(base: nn.Module, names: list[str]) -> list[str]:
-    """Leaf names (e.g. ["q_proj", "v_proj"]) when they select exactly ``names``, else full names."""
-    leaves = {n.rsplit(".", 1)[-1] for n in names}
-    selected = {n for n, _ in base.named_modules() if n and n.rsplit(".", 1)[-1] in leaves}
-    return sorted(leaves) if selected == set(names) else sorted(names)
-
-
-def peft_adapter_config(
-    base: nn.Module,
-    ranks: Mapping[str, int],
-    *,
-    fan_in_fan_out: bool,
-    modules_to_save: list[str] | None = None,
-) -> dict[str, Any]:
-    """PEFT ``adapter_config.json`` content for per-module ``ranks`` with PEFT scaling 1.
-
-    The most common rank is ``r``; the others go to ``rank_pattern`` and ``alpha_pattern``
-    keyed by the regex-escaped full module name (PEFT matches ``(.*\\.)?(key)$``).
-    """
-    common = Counter(ranks.values()).most_common(1)[0][0]
-    other = {re.escape(n): k for n, k in sorted(ranks.items()) if k != common}
-    return {
-        "peft_type": "LORA",
-        "task_type": _peft_task_type(base),
-        "base_model_name_or_path": base_model_name(base),
-        "r": common,
-        "lora_alpha": common,
-        "rank_pattern": other,
-        "alpha_pattern": dict(other),
-        "use_rslora": False,
-        "use_dora": False,
-        "target_modules": _peft_target_modules(base, sorted(ranks)),
-        "fan_in_fan_out": fan_in_fan_out,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "modules_to_save": list(modules_to_save) if modules_to_save else None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
+def _fidelity_task(model: nn.Module, task: Any) -> int | None:
+    """The task id whose rows a per-task export is measured on (None: all rows; a by-task
+    gates key that names no task of the model cannot be matched to rows)."""
+    if task is None:
+        return None
+    try:
+        return _task_index(model, task)
+    except ValueError:
+        return None
 
 
 def _export_one(
-    model: nn.Module,
-    path: Path,
-    gates: Gates,
-    *,
-    method: str,
-    rank: int | None,
-    progress: bool,
-    desc: str,
-) -> dict[str, Any]:
-    """Compute the factors of every layer and write one adapter folder's files into ``path``."""
-    from tqdm.auto import tqdm
+    model: nn.Module, path: Path, gates: Gates, opts: dict[str, Any], *, task: Any, folder: str | None = None
+) -> dict:
+    """Compute the factors of every layer and write one adapter folder's files into ``path``.
 
+    ``opts``: method, rank, tolerance, target, eval_batches, progress (as export_merged_adapter)
+    and the final ``path`` of the export (``path`` here is its temporary folder); ``folder``:
+    the task's sub-folder with ``task="all"``.
+    """
+    desc = folder or "export"
     layers = _molora_layers(model)
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    report_layers: dict[str, dict[str, Any]] = {}
-    fan_in_fan_out = False
-    for name, layer in tqdm(layers.items(), desc=desc, disable=not progress, unit="layer"):
-        w = gates[name]  # (N,)
-        with torch.no_grad():
-            f = merge_layer(layer, w, method=method, rank=rank)
-        report_layers[name] = {
-            "rank": f.lora_A.shape[0],
-            "rel_error": f.rel_error,
-            "weights": w.tolist(),
-        }
-        if f.lora_A.shape[0] == 0:
-            continue  # all weights 0: dW = 0, and leaving the module out is the same update
-        dtype = layer.lora_A.dtype
-        prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = f.lora_A.to(dtype).cpu().contiguous()  # (k, in)
-        tensors[f"{prefix}.lora_B.weight"] = f.lora_B.to(dtype).cpu().contiguous()  # (out, k)
-        ranks[name] = f.lora_A.shape[0]
-        fan_in_fan_out |= bool(getattr(layer, "fan_in_fan_out", False))
-    if not ranks:
+    method, rank, target, auto = opts["method"], opts["rank"], opts["target"], None
+    if rank == "auto":
+        method, rank, auto = choose_rank(layers, gates, tolerance=opts["tolerance"], target=target)
+    factors = _layer_factors(layers, gates, method=method, rank=rank, progress=opts["progress"], desc=desc)
+    serve_rank = None
+    if target == "vllm":  # one rank from vLLM's set on every module: zero-pad up
+        serve_rank = vllm_rank(max(1, max(f.lora_A.shape[0] for f in factors.values())))
+        factors = {n: pad_factors(f, serve_rank) if f.lora_A.shape[0] else f for n, f in factors.items()}
+    report_layers = {
+        name: {"rank": f.lora_A.shape[0], "rel_error": f.rel_error, "weights": gates[name].tolist()}
+        for name, f in factors.items()
+    }
+    kept = {n: f for n, f in factors.items() if f.lora_A.shape[0]}  # dW = 0: the module is left out
+    if not kept:
         raise ValueError("every layer's weights are all zero: the merged update is zero, nothing to export")
+    tensors: dict[str, torch.Tensor] = {}
+    written: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, f in kept.items():
+        dtype, prefix = layers[name].lora_A.dtype, f"base_model.model.{name}"
+        written[name] = (f.lora_A.to(dtype).cpu().contiguous(), f.lora_B.to(dtype).cpu().contiguous())
+        tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = written[name]  # (k, in), (out, k)
     base = model.base_model
     to_save = list(getattr(model, "modules_to_save", None) or [])
     for name in to_save:  # trained in place in the base model; PEFT keys them without a suffix
         for pname, param in base.get_submodule(name).named_parameters():
             tensors[f"base_model.model.{name}.{pname}"] = param.detach().cpu().contiguous()
-    config = peft_adapter_config(base, ranks, fan_in_fan_out=fan_in_fan_out, modules_to_save=to_save)
-    report = {"method": method, "rank": rank, "layers": report_layers}
+    fan_in_fan_out = any(bool(getattr(layers[n], "fan_in_fan_out", False)) for n in kept)
+    config = peft_adapter_config(
+        base, {n: f.lora_A.shape[0] for n, f in kept.items()}, fan_in_fan_out=fan_in_fan_out, modules_to_save=to_save
+    )
+    report: dict[str, Any] = {"method": method, "rank": rank, "target": target, "layers": report_layers}
+    if auto is not None:
+        report["auto"] = auto
+    if target == "vllm":
+        problems = check_vllm_config(config, {k: list(v.shape) for k, v in tensors.items()}, base_model=base)
+        if problems:
+            raise ValueError("the vLLM export breaks vLLM's rules:\n  - " + "\n  - ".join(problems))
+        report["max_lora_rank"] = serve_rank
+        report["base_model"] = config.get("base_model_name_or_path")
+        report["serve"] = serve_command(
+            {folder or opts["path"].name: opts["path"] / folder if folder else opts["path"]},
+            serve_rank,
+            report["base_model"],
+        )
+    if opts["eval_batches"] is not None:
+        report["fidelity"] = measure_fidelity(
+            model, written, opts["eval_batches"], task=_fidelity_task(model, task), task_names=_task_names(model)
+        )
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-    (path / MERGE_REPORT).write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -256,6 +253,21 @@ def _all_tasks(model: nn.Module, weights: Any) -> list[Any]:
     return list(range(router.num_tasks))
 
 
+def _export_all_tasks(model: nn.Module, path: Path, weights: Any, opts: dict[str, Any]) -> dict[str, Any]:
+    """One adapter folder per task under ``path`` and the combined report (``task="all"``)."""
+    tasks = _all_tasks(model, weights)
+    with export_directory(path) as tmp:
+        reports = {}
+        for tid in tasks:
+            folder = _folder_name(model, tid)
+            (tmp / folder).mkdir()
+            gates = resolve_weights(model, weights, tid)
+            reports[folder] = {**_export_one(model, tmp / folder, gates, opts, task=tid, folder=folder), "task": tid}
+            (tmp / folder / MERGE_REPORT).write_text(json.dumps(reports[folder], indent=2))
+        (tmp / MERGE_REPORT).write_text(json.dumps(reports, indent=2))
+    return reports
+
+
 def export_merged_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -263,7 +275,10 @@ def export_merged_adapter(
     weights: str | torch.Tensor | Mapping | None = None,
     task: int | str | None = None,
     method: str = "cat",
-    rank: int | None = None,
+    rank: int | str | None = None,
+    tolerance: float = 1e-3,
+    target: str = "peft",
+    eval_batches: Iterable[Mapping[str, Any]] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Write the static merge s * sum_i w_i B_i A_i of every layer as a PEFT LoRA adapter.
@@ -280,41 +295,49 @@ def export_merged_adapter(
         weights: see :func:`resolve_weights`.
         task: a task id or name, ``"all"``, or ``None``.
         method: ``"cat"`` (exact) or ``"svd"`` (best rank-``rank`` approximation).
-        rank: target rank for ``"svd"``; default the model's expert rank r.
+        rank: target rank for ``"svd"`` (default the model's expert rank r), or ``"auto"``:
+            the smallest rank within ``tolerance`` (see :mod:`molora.merge.rank`).
+        tolerance: with ``rank="auto"``, the largest relative Frobenius error allowed on any layer.
+        target: ``"peft"``, or ``"vllm"``: what vLLM's LoRA loader serves (one rank from
+            {8, 16, 32, 64, 128, 256, 320, 512} on every module, no modules_to_save).
+        eval_batches: model input dicts (a list: it is read once per exported task) on which
+            the routed model is compared with the exported adapter (report ``"fidelity"``).
         progress: show a tqdm bar over layers.
 
     Returns:
-        The report: ``{"method", "rank", "layers": {name: {"rank", "rel_error", "weights"}}}``;
-        with ``task="all"``, ``{folder_name: report}``.
+        The report: ``{"method", "rank", "target", "layers": {name: {"rank", "rel_error",
+        "weights"}}, "task"}``, plus ``"auto"``, ``"max_lora_rank"`` and ``"serve"``
+        (vLLM), ``"fidelity"`` where they apply; with ``task="all"``, ``{folder_name: report}``.
 
     Raises:
-        ValueError: bad ``method``/``rank``/``weights``/``task``, or an all-zero merge.
+        ValueError: bad ``method``/``rank``/``weights``/``task``/``target``, an all-zero merge,
+            or ``target="vllm"`` with modules_to_save.
         FileExistsError: ``path`` is a non-empty folder that is not a previous export.
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
-    if method == "cat" and rank is not None:
+    if method == "cat" and rank is not None and rank != "auto":
         raise ValueError(f"`rank` applies to method='svd' only (cat is exact), got rank={rank}")
+    if isinstance(rank, str) and rank != "auto":
+        raise ValueError(f"`rank` must be an int, 'auto' or None, got {rank!r}")
     _check_svd_rank(model, rank)
+    _check_target(model, target)
+    batches = list(eval_batches) if eval_batches is not None else None
     path = Path(path)
+    opts = {
+        "method": method,
+        "rank": rank,
+        "tolerance": tolerance,
+        "target": target,
+        "eval_batches": batches,
+        "progress": progress,
+        "path": path,
+    }
     if task == "all":
-        tasks = _all_tasks(model, weights)
-        with _atomic_dir(path) as tmp:
-            reports = {}
-            for tid in tasks:
-                folder = _folder_name(model, tid)
-                gates = resolve_weights(model, weights, tid)
-                (tmp / folder).mkdir()
-                reports[folder] = _export_one(
-                    model, tmp / folder, gates, method=method, rank=rank, progress=progress, desc=folder
-                )
-                reports[folder]["task"] = tid
-            (tmp / MERGE_REPORT).write_text(json.dumps(reports, indent=2))
-        return reports
+        return _export_all_tasks(model, path, weights, opts)
     gates = resolve_weights(model, weights, task)
-    with _atomic_dir(path) as tmp:
-        report = _export_one(model, tmp, gates, method=method, rank=rank, progress=progress, desc="export")
-        report["task"] = task
+    with export_directory(path) as tmp:
+        report = {**_export_one(model, tmp, gates, opts, task=task), "task": task}
         (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2))
     return report
 

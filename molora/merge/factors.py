@@ -3,6 +3,8 @@
 - ``cat_factors``: exact, rank r * #{i : w_i != 0}, never forms out x in.
 - ``svd_factors``: best rank-k approximation (Eckart-Young) from the factors: QR of the stacked
   factors, SVD of the small core; never forms out x in. Reports the relative Frobenius error.
+- ``singular_values``: the singular values of dW from the same factored SVD (rank choice).
+- ``pad_factors``: zero rows/columns up to a fixed rank (serving stacks want one rank).
 - ``dense_delta``: the dense reference (forms out x in; for tests and for folding into W0).
 - ``merge_layer`` / ``exact_rank``: the same for a MoLoRA layer, its structure included.
 
@@ -168,17 +170,65 @@ def svd_factors(
     out_B = torch.zeros(d_out, rank, dtype=torch.float64, device=cat_A.device)  # (out, k)
     if big_r == 0:
         return MergedFactors(out_A.float(), out_B.float(), 0.0)
-    q_b, r_b = torch.linalg.qr(cat_B)  # (out, R'), (R', R) with R' = min(out, R)
-    q_a, r_a = torch.linalg.qr(cat_A.T)  # (in, R''), (R'', R)
-    core = r_b @ r_a.T  # (R', R'')
-    u, s, vh = torch.linalg.svd(core, full_matrices=False)  # (R', m), (m,), (m, R'')
+    q_b, u, s, vh, q_a = _factored_svd(cat_A, cat_B)
     keep = min(rank, s.numel())
     root = s[:keep].sqrt()  # (keep,)
     out_B[:, :keep] = (q_b @ u[:, :keep]) * root  # (out, keep)
     out_A[:keep] = root[:, None] * (vh[:keep] @ q_a.T)  # (keep, in)
-    total = float((s**2).sum())
-    rel_error = 0.0 if total == 0.0 else float((s[keep:] ** 2).sum() / total) ** 0.5
-    return MergedFactors(out_A.float(), out_B.float(), rel_error)
+    return MergedFactors(out_A.float(), out_B.float(), truncation_error(s, keep))
+
+
+def _factored_svd(cat_A: torch.Tensor, cat_B: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """dW = cat_B @ cat_A = (Qb U) diag(S) (Qa V)^T from QR of both factors and the SVD of the core.
+
+    Args:
+        cat_A: (R, in) float64; cat_B: (out, R) float64, R >= 1.
+
+    Returns:
+        (Qb (out, R'), U (R', m), S (m,) descending, Vh (m, R''), Qa (in, R'')).
+    """
+    q_b, r_b = torch.linalg.qr(cat_B)  # (out, R'), (R', R) with R' = min(out, R)
+    q_a, r_a = torch.linalg.qr(cat_A.T)  # (in, R''), (R'', R)
+    core = r_b @ r_a.T  # (R', R'')
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)  # (R', m), (m,), (m, R'')
+    return q_b, u, s, vh, q_a
+
+
+def singular_values(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float, shared: Shared = None
+) -> torch.Tensor:
+    """The singular values of dW (shared experts included), descending, float64, without forming out x in.
+
+    The relative Frobenius error of the best rank-k approximation is
+    sqrt(sum_{j>k} S_j^2 / sum_j S_j^2) (Eckart-Young), which is how ``rank="auto"`` compares ranks.
+
+    Returns:
+        (m,) float64 with m = min(out, in, exact rank); empty when dW = 0 by construction.
+    """
+    exact = cat_factors(lora_A, lora_B, weights, scaling, shared)
+    if exact.lora_A.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    return _factored_svd(exact.lora_A.double(), exact.lora_B.double())[2].cpu()
+
+
+def truncation_error(s: torch.Tensor, rank: int) -> float:
+    """Relative Frobenius error of keeping the ``rank`` largest of the singular values ``s``."""
+    total = float((s.double() ** 2).sum())
+    return 0.0 if total == 0.0 else float((s.double()[rank:] ** 2).sum() / total) ** 0.5
+
+
+def pad_factors(f: MergedFactors, rank: int) -> MergedFactors:
+    """``f`` with zero rows of lora_A and zero columns of lora_B up to ``rank`` (the same dW).
+
+    Raises:
+        ValueError: ``f`` already has more than ``rank`` rows.
+    """
+    have = f.lora_A.shape[0]
+    if have > rank:
+        raise ValueError(f"cannot pad rank-{have} factors down to rank {rank}")
+    lora_A = torch.cat([f.lora_A, f.lora_A.new_zeros(rank - have, f.lora_A.shape[1])])  # (rank, in)
+    lora_B = torch.cat([f.lora_B, f.lora_B.new_zeros(f.lora_B.shape[0], rank - have)], dim=1)  # (out, rank)
+    return MergedFactors(lora_A, lora_B, f.rel_error)
 
 
 def merge_factors(
@@ -227,3 +277,10 @@ def exact_rank(layer: Any) -> int:
     routed = layer.r if shares_A(layer.lora_A, layer.lora_B) else layer.num_experts * layer.r
     total = routed + getattr(layer, "num_shared_experts", 0) * layer.r
     return min(total, layer.in_features, layer.out_features)
+
+
+def layer_singular_values(layer: Any, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`singular_values` of a MoLoRA layer's merge (its shared A and shared experts included)."""
+    return singular_values(
+        layer.lora_A.detach(), layer.lora_B.detach(), weights, float(layer.scaling), layer_shared(layer)
+    )

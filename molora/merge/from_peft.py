@@ -158,13 +158,21 @@ def _split_ab(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict
     return parts
 
 
+def _same_base(recorded: str, name: str) -> bool:
+    """The same base model: equal names, or paths to the same folder (relative or absolute, ``~``)."""
+    if recorded == name:
+        return True
+    a, b = Path(os.path.expanduser(recorded)), Path(os.path.expanduser(name))
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
 def _check_against_base(adapters: Sequence[LoraAdapter], base: nn.Module, check_base_name: bool) -> None:
     """Module names and shapes of every adapter against the (not yet injected) base model."""
     base_name = base_model_name(base)
     modules = dict(base.named_modules())
     for i, adapter in enumerate(adapters):
         recorded = adapter.base_model_name_or_path
-        if check_base_name and recorded and base_name and recorded != base_name:
+        if check_base_name and recorded and base_name and not _same_base(recorded, base_name):
             raise ValueError(
                 f"adapter {i} ({adapter.path}) was trained on base model {recorded!r}, but the base model is "
                 f"{base_name!r}; pass check_base_name=False if they are the same weights"

@@ -12,9 +12,11 @@ from torch.utils.data import DataLoader, Sampler
 
 from molora.training.data import (
     IGNORE_INDEX,
+    MESSAGES_COLUMN,
     load_task_datasets,
     mix_tasks,
     tokenize_causal_lm,
+    tokenize_chat,
     tokenize_classification,
 )
 from molora.training.run_config import RunConfig, TaskSpec, TrainSection
@@ -64,8 +66,13 @@ def _has_target(labels: list[list[int]]) -> bool:
 
 
 def _tokenize_columns(ds, spec: TaskSpec, config: RunConfig, tokenizer):
-    """One task's examples tokenized for the model's task type, with its columns (the task's, or the data section's)."""
+    """One task's examples tokenized for the model's task type, with its columns (the task's, or the data section's).
+
+    Causal-LM rows with a ``messages`` column are chat conversations (:func:`tokenize_chat`).
+    """
     d = config.data
+    if config.model.task_type == "causal_lm" and MESSAGES_COLUMN in ds.column_names:
+        return tokenize_chat(ds, tokenizer, max_length=d.max_length)
     if config.model.task_type == "causal_lm":
         return tokenize_causal_lm(
             ds,

@@ -212,6 +212,9 @@ def _train_steps(run: _Run) -> None:
             window_steps = 0
             if run.last_loss is not None:
                 bar.set_postfix(loss=f"{run.last_loss:.4f}")
+            if bar.disable:  # no bar to show it: print the loss at log_every instead
+                loss = "n/a (no target in the window)" if run.last_loss is None else f"{run.last_loss:.4f}"
+                run.accelerator.print(f"step {run.step}/{t.max_steps} | loss {loss} | {_lr_text(lrs)}")
         if t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps:
             run.last_eval = _run_eval(run)
         if t.save_every and (run.step % t.save_every == 0 or run.step == t.max_steps):  # the last step too: resumable
@@ -225,6 +228,10 @@ def _train_steps(run: _Run) -> None:
                 keep=t.save_total_limit,
             )
     bar.close()
+
+
+def _lr_text(lrs: dict[str, float]) -> str:
+    return " ".join(f"{name} {lr:.2e}" for name, lr in lrs.items())
 
 
 def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]:

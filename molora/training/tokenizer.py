@@ -42,14 +42,13 @@ def load_tokenizer(config: RunConfig):
 
     Raises:
         ValueError: the tokenizer has neither a pad nor an eos token.
+        FileNotFoundError: ``model.name_or_path`` has no tokenizer and ``model.tokenizer`` is not set.
     """
     source = config.model.tokenizer or config.model.name_or_path
     if source == "byte":
         tokenizer = build_byte_tokenizer()
     else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.model.trust_remote_code)
+        tokenizer = _auto_tokenizer(source, config)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(
@@ -58,3 +57,20 @@ def load_tokenizer(config: RunConfig):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _auto_tokenizer(source: str, config: RunConfig):
+    """``AutoTokenizer.from_pretrained(source)``, or a message naming ``model.tokenizer`` when the
+    model folder has no tokenizer (rather than transformers' traceback)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        if config.model.tokenizer is not None:
+            raise FileNotFoundError(f"model.tokenizer={source!r}: cannot load a tokenizer from it ({e})") from e
+        raise FileNotFoundError(
+            f"model.name_or_path={source!r} holds no tokenizer that transformers can load ({type(e).__name__}); "
+            "pass model.tokenizer=<tokenizer folder or hub name> (or model.tokenizer=byte for molora's byte "
+            "tokenizer with a model of vocab >= 259)"
+        ) from e

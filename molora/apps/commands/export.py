@@ -1,7 +1,8 @@
 """``molora export``: a saved MoLoRA model -> PEFT LoRA adapter(s), or a merged base model.
 
     molora export RUN_OR_ADAPTER_DIR --out DIR [--task T|all] [--weights uniform|measured|FILE]
-                  [--method cat|svd] [--rank R] [--merge-into-base] [--base NAME_OR_PATH]
+                  [--method cat|svd] [--rank R|auto [--tolerance TOL]] [--target peft|vllm]
+                  [--fidelity-batches N] [--merge-into-base] [--base NAME_OR_PATH]
 
 RUN_OR_ADAPTER_DIR is a folder written by ``MoLoRAModel.save_pretrained`` (it holds
 ``molora_config.json``) or a training run folder holding one: ``final/`` is preferred, then
@@ -20,6 +21,12 @@ The "rel. error" it prints is that of the factorization of the static merge (0 f
 For a token-routed model (soft, topk, topp routers) the export replaces each token's gates by
 static ones, which only approximates the routed model, whatever that error: the command prints
 a note saying so. Task-router exports (``--task``) are exact per task.
+``--target vllm`` writes what vLLM serves (:mod:`molora.merge.vllm`) and prints the
+``vllm serve`` line with its ``--max-lora-rank``; ``--rank auto`` picks the smallest rank within
+``--tolerance`` and prints the rank-versus-error table. When RUN_OR_ADAPTER_DIR is a training
+run with eval files, the routed model is compared with each exported adapter on up to
+``--fidelity-batches`` eval batches per task (default 4; 0 skips it) and the fidelity table is
+printed beside the SVD truncation error (:mod:`molora.merge.fidelity`).
 """
 
 from __future__ import annotations
@@ -58,11 +65,68 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "gates FILE; default: the task router's gates with --task, uniform otherwise",
     )
     parser.add_argument("--method", choices=["cat", "svd"], default="cat", help="cat: exact; svd: best rank-R")
-    parser.add_argument("--rank", type=int, default=None, help="rank for --method svd (default: the expert rank r)")
+    parser.add_argument(
+        "--rank", type=_rank_arg, default=None,
+        help="rank for --method svd (default: the expert rank r), or 'auto': the smallest within --tolerance",
+    )
+    _add_serving_args(parser)
     parser.add_argument("--merge-into-base", action="store_true", help="save the base model with dW folded in")
     parser.add_argument("--base", default=None, help="base model name or path (default: the one the adapter records)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _rank_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rank must be an int or 'auto', got {value!r}") from None
+
+
+def _add_serving_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="--rank auto: largest relative Frobenius error allowed on any layer (default 1e-3)")
+    parser.add_argument("--target", choices=["peft", "vllm"], default="peft",
+                        help="vllm: one rank from vLLM's set on every module, checked with vLLM's loading rules")
+    parser.add_argument("--fidelity-batches", type=int, default=4, metavar="N",
+                        help="eval batches per task of the run to compare routed and exported models on (0: skip)")
+
+
+def _fidelity_batches(source: Path, adapter_dir: Path, n: int) -> Any:
+    """The run's eval batches for the fidelity report, or None (not a run, no eval data, or n = 0)."""
+    from molora.training.eval_data import run_eval_batches
+
+    for folder in _search_folders(adapter_dir, source):
+        if (batches := run_eval_batches(folder, max_batches=n)) is not None:
+            print(f"fidelity: {len(batches)} eval batches of the run in {folder}", file=sys.stderr)
+            return batches
+    if n > 0:
+        print("fidelity: not measured (no training run with eval files around the adapter)", file=sys.stderr)
+    return None
+
+
+def print_export(report: dict[str, Any], out: Path, task: Any) -> None:
+    """The per-layer tables, the auto-rank and fidelity tables, and how to serve the export."""
+    from molora.merge.fidelity import format_fidelity_table
+    from molora.merge.rank import format_rank_table
+
+    reports = report if task == "all" else {"": report}
+    for folder, rep in reports.items():
+        print(format_report(rep, title=f"\n[{folder}] -> {out / folder}" if folder else None))
+        if rep.get("auto"):
+            print(format_rank_table(rep["auto"]))
+    if any(rep.get("fidelity") for rep in reports.values()):
+        print("\nfidelity of the static merge (routed model vs exported adapter):")
+        print(format_fidelity_table({folder or out.name: rep for folder, rep in reports.items()}))
+    if any(rep.get("serve") for rep in reports.values()):
+        from molora.merge.vllm import serve_command
+
+        rank = max(rep["max_lora_rank"] for rep in reports.values())
+        folders = {folder or out.name: out / folder if folder else out for folder in reports}
+        print(f"\nvLLM-ready (check: molora check-vllm FOLDER); serve with --max-lora-rank {rank}:")
+        print(f"  {serve_command(folders, rank, next(iter(reports.values())).get('base_model'))}")
 
 
 def find_adapter_dir(source: str | os.PathLike) -> Path:
@@ -293,16 +357,15 @@ def run(args: argparse.Namespace) -> int:
                 print(note)
             return 0
         report = model.export_merged_adapter(
-            out, weights=weights, task=task, method=args.method, rank=args.rank, progress=not args.no_progress
+            out, weights=weights, task=task, method=args.method, rank=args.rank, progress=not args.no_progress,
+            tolerance=args.tolerance, target=args.target,
+            eval_batches=_fidelity_batches(source, adapter_dir, args.fidelity_batches),
         )
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
         print(f"molora export: error: {err}", file=sys.stderr)
         return 2
-    if task == "all":
-        for folder, rep in report.items():
-            print(format_report(rep, title=f"\n[{folder}] -> {out / folder}"))
-    else:
-        print(format_report(report))
+    print_export(report, out, task)
+    if task != "all":
         print(f"adapter written to {out}")
     note = routing_note(model.molora_config.router, task)
     if note:

@@ -1,4 +1,7 @@
-"""``molora inspect RUN_DIR``: print a run's summary; write ``routing.png`` and ``metrics.png``."""
+"""``molora inspect RUN_DIR``: print a run's summary; write ``routing.png`` and ``metrics.png``.
+
+``molora inspect ADAPTER_DIR`` (a saved MoLoRA adapter, or a PEFT adapter such as an export)
+prints what it holds (:mod:`molora.apps.commands.inspect_adapter`)."""
 
 from __future__ import annotations
 
@@ -19,10 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "per task and layer, from the last evaluation, or --step) and RUN_DIR/metrics.png (curves)."
         ),
     )
-    parser.add_argument("run_dir", help="the run folder (train.output_dir)")
-    parser.add_argument(
-        "--step", type=int, default=None, help="plot the routing of the eval at this step (default: the last)"
-    )
+    parser.add_argument("run_dir", help="the run folder (train.output_dir), or a saved adapter folder")
+    parser.add_argument("--step", type=int, default=None, help="plot the routing of the eval at this step (default: the last)")
     parser.add_argument("--no-plots", action="store_true", help="print the summary only")
     return parser
 
@@ -107,6 +108,11 @@ def _router(run_dir: Path) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
+    from molora.apps.commands.inspect_adapter import describe_adapter, is_adapter_dir
+
+    if not (run_dir / "metrics.jsonl").is_file() and is_adapter_dir(run_dir):
+        print(describe_adapter(run_dir))
+        return 0
     try:
         records = load_metrics(run_dir)
     except (FileNotFoundError, ValueError) as e:

@@ -2,7 +2,7 @@
 
 The pipeline is
 
-    load_task_datasets  ->  mix_tasks  ->  tokenize_causal_lm | tokenize_classification
+    load_task_datasets  ->  mix_tasks  ->  tokenize_causal_lm | tokenize_chat | tokenize_classification
                         ->  DataLoader(collate_fn=MultitaskCollator(...))
 
 Every example of the mixed stream carries an int ``task_ids`` column: the id of the task it
@@ -14,6 +14,7 @@ of a user-given mapping, sorted order of the values of a ``task_column``. The ma
 ``task_name -> task_id`` is returned by ``load_task_datasets`` and accepted by ``mix_tasks``.
 """
 
+from molora.training.data.chat import MESSAGES_COLUMN, tokenize_chat
 from molora.training.data.collate import MultitaskCollator
 from molora.training.data.columns import IGNORE_INDEX, MIX_STRATEGIES, TASK_IDS_COLUMN
 from molora.training.data.load import load_task_datasets
@@ -22,6 +23,7 @@ from molora.training.data.tokenize import tokenize_causal_lm, tokenize_classific
 
 __all__ = [
     "IGNORE_INDEX",
+    "MESSAGES_COLUMN",
     "MIX_STRATEGIES",
     "TASK_IDS_COLUMN",
     "MultitaskCollator",
@@ -29,5 +31,6 @@ __all__ = [
     "mix_tasks",
     "task_proportions",
     "tokenize_causal_lm",
+    "tokenize_chat",
     "tokenize_classification",
 ]

@@ -59,7 +59,7 @@ def build_run_config(raw: dict[str, Any], *, overridden: set[str], base_dir: Pat
     model = to_dataclass(ModelSection, sections["model"], "model", problems)
     train = to_dataclass(TrainSection, sections["train"], "train", problems)
     data = _build_data(sections["data"], problems, overridden=overridden, base_dir=base_dir)
-    molora = _build_molora(sections["molora"], problems)
+    molora = _build_molora(_infer_tasks(sections["molora"], data), problems)
     if not problems:
         _check_model(model, problems)
         _check_data(data, model, problems)
@@ -67,6 +67,24 @@ def build_run_config(raw: dict[str, Any], *, overridden: set[str], base_dir: Pat
         _check_cross(model, molora, data, problems)
     raise_problems(problems)
     return RunConfig(model=model, molora=molora, data=data, train=train)
+
+
+def _infer_tasks(raw: dict[str, Any], data: DataSection | None) -> dict[str, Any]:
+    """``molora.num_tasks`` and ``molora.task_names`` from ``data.tasks`` when not given.
+
+    The task router needs one table row per task; the tasks are the data.tasks entries, in
+    order (task id i is the i-th entry), so the user does not count them by hand. Names are
+    filled in so that task ids may be given by name (CLI, API) and exports are named per task.
+    """
+    tasks = list(data.tasks) if data is not None and isinstance(data.tasks, dict) else []
+    if not tasks:
+        return raw
+    raw = dict(raw)
+    if raw.get("router") == "task" and raw.get("num_tasks") is None:
+        raw["num_tasks"] = len(tasks)
+    if raw.get("task_names") is None and raw.get("num_tasks") in (None, len(tasks)):
+        raw["task_names"] = tasks
+    return raw
 
 
 def _build_molora(raw: dict[str, Any], problems: list[str]) -> MoLoRAConfig | None:
