@@ -233,9 +233,7 @@ class MoLoRAModel(nn.Module):
 
     def aux_loss(self) -> torch.Tensor:
         """Mean over MoLoRA layers of the load-balancing loss of the last forward (DESIGN §5)."""
-        losses = [
-            load_balancing_loss(r.logits, r.indices, self._layer_mask(r.num_tokens)) for _, r in self._routings()
-        ]
+        losses = [load_balancing_loss(r.logits, r.indices, self._layer_mask(r.num_tokens)) for _, r in self._routings()]
         if not losses:
             raise RuntimeError("aux_loss() needs a forward pass first")
         return torch.stack(losses).mean()
@@ -253,6 +251,7 @@ class MoLoRAModel(nn.Module):
 
     @torch.no_grad()
     def _update_routing_stats(self) -> None:
+        """Accumulate each layer's load and gates on the device (masks multiply: no sync)."""
         cfg = self.molora_config
         num_tasks = cfg.num_tasks or (len(cfg.task_names) if cfg.task_names else None)
         for name, routing in self._routings():
@@ -269,7 +268,11 @@ class MoLoRAModel(nn.Module):
         out = {}
         for name, s in self._stats.items():
             tokens = s["tokens"].clamp(min=1)
-            out[name] = {"load": (s["load"] / tokens).cpu(), "gates": (s["gates"] / tokens).cpu(), "tokens": int(s["tokens"])}
+            out[name] = {
+                "load": (s["load"] / tokens).cpu(),
+                "gates": (s["gates"] / tokens).cpu(),
+                "tokens": int(s["tokens"]),
+            }
         return out
 
     def routing_report(self) -> dict[str, Any]:
@@ -302,7 +305,9 @@ class MoLoRAModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def unload(self) -> nn.Module:
         """Remove the MoLoRA layers and return the base model as it was before injection."""
@@ -349,7 +354,9 @@ class MoLoRAModel(nn.Module):
             )
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False) -> MoLoRAModel:
+    def from_pretrained(
+        cls, base_model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False
+    ) -> MoLoRAModel:
         """Rebuild a saved MoLoRA model on ``base_model``, after checking that they fit.
 
         Args:
@@ -406,7 +413,9 @@ def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
 def _with_signature(forward, base_model: nn.Module):
     """A copy of ``forward`` whose signature lists the base model's named arguments plus
     ``task_ids``, so signature-inspecting callers (HF Trainer's column pruning) keep them."""
-    func = types.FunctionType(forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__)
+    func = types.FunctionType(
+        forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__
+    )
     func.__kwdefaults__ = forward.__kwdefaults__
     func.__doc__ = forward.__doc__
     try:
@@ -418,7 +427,10 @@ def _with_signature(forward, base_model: nn.Module):
         for p in base_params
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     ]
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)]
+    params = [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
+        inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+    ]
     params += [p for p in kept if p.name != "task_ids"]
     params += [inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)]
     params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]

@@ -61,7 +61,7 @@ def _choose_cpu(x, lora_A, lora_B, indices) -> str:
     """
     num_experts, rank = lora_B.shape[0], lora_A.shape[1]
     if num_experts * rank <= _HYBRID_MAX_RANK:
-        if torch.get_num_threads() > 1:
+        if _num_threads() > 1:
             return "dense"
         pair_bytes = indices.numel() * max(x.shape[1], lora_B.shape[1]) * x.element_size()
         if pair_bytes >= _CPU_FRESH_BUFFER_BYTES:
@@ -110,6 +110,12 @@ def _choose_cuda(x, lora_A, lora_B) -> str:
         "no triton and no F.grouped_mm kernel; `pip install triton` for the fused kernels"
     )
     return choice
+
+
+@torch.compiler.assume_constant_result
+def _num_threads() -> int:
+    """torch's thread count; a constant of the graph under ``torch.compile`` (no graph break)."""
+    return torch.get_num_threads()
 
 
 @functools.lru_cache(maxsize=1)

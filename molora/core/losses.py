@@ -7,7 +7,8 @@ chosen experts (for dense routing S_t = {argmax p_t}, k = 1):
     L_balance = N * sum_i f_i * P_i            (Switch Transformer, Fedus et al. 2021, eq. 4)
     L_z       = (1 / T) * sum_t (logsumexp_i logits_{t,i})^2   (ST-MoE, Zoph et al. 2022, eq. 5)
 
-Gradients flow through P and the logits, never through the counts f.
+Gradients flow through P and the logits, never through the counts f. Padding is masked by
+multiplying (static shapes, no host-device sync): the losses trace into one compiled graph.
 """
 
 from __future__ import annotations
@@ -15,16 +16,23 @@ from __future__ import annotations
 import torch
 
 
-def _select(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _token_weights(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(T,) float32 weight of each token: 1 for real tokens, 0 for padding (all 1 without a mask).
+
+    Padding is excluded by multiplying, never by boolean indexing: the shapes stay static, so
+    the losses run without a host-device sync and trace into one graph (DESIGN §8).
+    """
     if mask is None:
-        return tensor
-    mask = mask.reshape(-1).to(tensor.device).bool()
-    if mask.shape[0] != tensor.shape[0]:
-        raise ValueError(f"`mask` has {mask.shape[0]} entries for {tensor.shape[0]} tokens")
-    return tensor[mask]
+        return logits.new_ones(logits.shape[0], dtype=torch.float32)
+    mask = mask.reshape(-1)
+    if mask.shape[0] != logits.shape[0]:
+        raise ValueError(f"`mask` has {mask.shape[0]} entries for {logits.shape[0]} tokens")
+    return mask.to(device=logits.device).ne(0).float()
 
 
-def load_balancing_loss(logits: torch.Tensor, indices: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    logits: torch.Tensor, indices: torch.Tensor | None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch-Transformer load-balancing loss of one layer; 1.0 when perfectly balanced.
 
     Args:
@@ -35,15 +43,19 @@ def load_balancing_loss(logits: torch.Tensor, indices: torch.Tensor | None, mask
     Returns:
         scalar float32 tensor (0 when there is no real token).
     """
-    logits = _select(logits.float(), mask)  # (T, N)
+    logits = logits.float()  # (T, N)
     num_experts = logits.shape[-1]
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    chosen = logits.argmax(-1, keepdim=True) if indices is None else _select(indices, mask)  # (T, k)
-    probs = torch.softmax(logits, dim=-1)  # (T, N)
-    counts = torch.bincount(chosen.reshape(-1), minlength=num_experts).float()  # (N,)
-    fraction = counts / chosen.numel()  # f_i, no gradient
-    mean_prob = probs.mean(0)  # P_i
+    real = _token_weights(logits, mask)  # (T,)
+    num_real = real.sum().clamp(min=1)  # T (0 real tokens: every sum below is 0, and so is the loss)
+    chosen = logits.argmax(-1, keepdim=True) if indices is None else indices.to(logits.device)  # (T, k)
+    top_k = chosen.shape[-1]
+    # counts by scatter_add into a fixed (N,) buffer: static shape, no sync (not bincount)
+    counts = logits.new_zeros(num_experts).scatter_add_(
+        0, chosen.reshape(-1), real[:, None].expand(-1, top_k).reshape(-1)
+    )  # (N,)
+    fraction = counts / (num_real * top_k)  # f_i, no gradient
+    probs = torch.softmax(logits, dim=-1) * real[:, None]  # (T, N), zero on padding
+    mean_prob = probs.sum(0) / num_real  # P_i
     return num_experts * (fraction * mean_prob).sum()
 
 
@@ -53,8 +65,11 @@ def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     Args:
         logits: (T, N) router logits.
         mask: (T,) 1 for real tokens, 0 for padding; None counts every token.
+
+    Returns:
+        scalar float32 tensor (0 when there is no real token).
     """
-    logits = _select(logits.float(), mask)
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    logits = logits.float()
+    real = _token_weights(logits, mask)  # (T,)
+    z = torch.logsumexp(logits, dim=-1).square() * real  # (T,)
+    return z.sum() / real.sum().clamp(min=1)

@@ -6,7 +6,8 @@ safe:
 
 - Ids are validated once per model call, on the host-side input (:func:`validate_task_ids`),
   never truncated or repeated to fit: a float, a bool, an id out of range or a count that is
-  not the batch size is an error.
+  not the batch size is an error. Under ``torch.compile`` the range check is an assertion
+  inside the graph (``torch._assert_async``), so the call stays one graph.
 - Generation expands the ids itself for beams and returned sequences (``MoLoRAModel.generate``);
   the layers never guess an expansion.
 - Gradient checkpointing recomputes a block during backward, after later forwards may have
@@ -73,11 +74,18 @@ def validate_task_ids(
             f"`task_ids` must hold one id per sequence: batch size {batch_size}, got {ids.shape[0]} ids "
             f"({_preview(ids)}); ids are never repeated or truncated to fit"
         )
-    if ids.numel():
-        low, high = int(ids.min()), int(ids.max())  # one host sync per model call
-        if low < 0 or (num_tasks is not None and high >= num_tasks):
-            allowed = f"[0, num_tasks={num_tasks})" if num_tasks is not None else ">= 0"
-            raise ValueError(f"`task_ids` must be in {allowed}, got values in [{low}, {high}]")
+    if not ids.numel():
+        return ids
+    allowed = f"[0, num_tasks={num_tasks})" if num_tasks is not None else ">= 0"
+    if torch.compiler.is_compiling():
+        # Inside a compiled graph a value check on the host would break the graph: assert
+        # without a sync instead (raises on CPU; a device-side assert on CUDA).
+        in_range = ids >= 0 if num_tasks is None else (ids >= 0) & (ids < num_tasks)
+        torch._assert_async(in_range.all(), f"`task_ids` must be in {allowed}")
+        return ids
+    low, high = int(ids.min()), int(ids.max())  # one host sync per model call
+    if low < 0 or (num_tasks is not None and high >= num_tasks):
+        raise ValueError(f"`task_ids` must be in {allowed}, got values in [{low}, {high}]")
     return ids
 
 

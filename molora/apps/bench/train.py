@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cpu: process CPU time (use with --threads 1 on a shared machine)",
     )
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile each model's forward (PEFT, molora; mixlora stays eager)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--section", default=None, help="RESULTS.md section name (default bench_train_<device>)")
     parser.add_argument("--markdown", default=None, metavar="PATH")
@@ -98,8 +101,10 @@ def _llama(args, device, dtype) -> nn.Module:
     return model
 
 
-def _make_step(model: nn.Module, params: list[torch.Tensor], batch: dict) -> tuple[Callable, Callable]:
+def _make_step(model: nn.Module, params: list[torch.Tensor], batch: dict, compile: bool = False):
+    """(step, forward) closures; ``compile``: the forward (and its backward) run torch.compile'd."""
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    model = torch.compile(model) if compile else model
 
     def forward():
         return model(**batch)
@@ -114,13 +119,13 @@ def _make_step(model: nn.Module, params: list[torch.Tensor], batch: dict) -> tup
     return step, forward
 
 
-def _peft(base: nn.Module, rank: int, batch: dict, name: str) -> TrainVariant:
+def _peft(base: nn.Module, rank: int, batch: dict, name: str, compile: bool = False) -> TrainVariant:
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
     _randomize_lora_b(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    step, forward = _make_step(model, params, batch)
+    step, forward = _make_step(model, params, batch, compile)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     return TrainVariant(name, step, params, frozen, forward)
 
@@ -151,7 +156,7 @@ def _molora(base: nn.Module, args, batch: dict, router: str, name: str) -> Train
         task_batch["task_ids"] = (
             torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device) % args.num_tasks
         )
-    step, forward = _make_step(model, params, task_batch)
+    step, forward = _make_step(model, params, task_batch, args.compile)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     return TrainVariant(name, step, params, frozen, forward)
 
@@ -273,8 +278,8 @@ def build_variants(args, device, dtype) -> tuple[list[TrainVariant], dict]:
             raise ValueError(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
     kr = args.top_k * args.rank
     builders = {
-        "peft_r": lambda m: _peft(m, args.rank, batch, f"peft_lora r={args.rank}"),
-        "peft_kr": lambda m: _peft(m, kr, batch, f"peft_lora r={kr}"),
+        "peft_r": lambda m: _peft(m, args.rank, batch, f"peft_lora r={args.rank}", args.compile),
+        "peft_kr": lambda m: _peft(m, kr, batch, f"peft_lora r={kr}", args.compile),
         "molora_topk": lambda m: _molora(m, args, batch, "topk", f"molora top{args.top_k} of {args.experts}"),
         "molora_soft": lambda m: _molora(m, args, batch, "soft", f"molora soft {args.experts}"),
         "molora_task": lambda m: _molora(m, args, batch, "task", f"molora task ({args.num_tasks} tasks)"),
@@ -358,6 +363,7 @@ def _shape(args, device: torch.device, dtype: torch.dtype) -> str:
         f"targets: all linear layers ({', '.join(TARGETS)}); N={args.experts}, r={args.rank}, top-{args.top_k}; "
         f"AdamW step; median of {args.repeats} interleaved steps after {args.warmup} warm-up, {args.clock} clock, "
         f"torch threads={torch.get_num_threads()}"
+        + ("; torch.compile (inductor), warm-up compiles" if args.compile else "")
     )
 
 

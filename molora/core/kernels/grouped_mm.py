@@ -91,6 +91,10 @@ def _to_padded(a: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, num_gro
 def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, use_kernel: bool = True) -> torch.Tensor:
     """Grouped a @ b[g] for each row block g.
 
+    Under ``torch.compile`` this is the opaque custom op ``molora::gmm``: its output shape does
+    not depend on ``offs``, but the kernel choice (strides, the padded capacity) reads values,
+    which would break the graph.
+
     Args:
         a: (M, K) rows sorted by group.
         b: (G, K, P) one matrix per group.
@@ -100,6 +104,12 @@ def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, use_kernel: boo
     Returns:
         (M, P) in a's dtype.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.molora.gmm(a, b, offs, use_kernel)
+    return _gmm(a, b, offs, use_kernel)
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, use_kernel: bool) -> torch.Tensor:
     num_rows, num_groups = a.shape[0], b.shape[0]
     if num_rows == 0:
         return a.new_zeros(0, b.shape[-1])
@@ -127,7 +137,14 @@ def gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, use_kerne
 
     On CPU the per-group GEMMs are about twice as fast with K <= P (a thin left factor), so
     callers pick the orientation: ``gmm_wgrad(b, a).transpose(1, 2)`` gives the same result.
+    Under ``torch.compile`` this is the custom op ``molora::gmm_wgrad`` (see :func:`gmm`).
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.molora.gmm_wgrad(a, b, offs, use_kernel)
+    return _gmm_wgrad(a, b, offs, use_kernel)
+
+
+def _gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, use_kernel: bool) -> torch.Tensor:
     num_rows, num_groups = a.shape[0], offs.shape[0]
     if num_rows == 0:
         return a.new_zeros(num_groups, a.shape[-1], b.shape[-1])
@@ -142,3 +159,19 @@ def gmm_wgrad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, use_kerne
     pa = _to_padded(a, group, slot, num_groups, capacity)  # (G, C, K)
     pb = _to_padded(b, group, slot, num_groups, capacity)  # (G, C, P)
     return torch.bmm(pa.transpose(1, 2), pb)  # (G, K, P)
+
+
+# Opaque to torch.compile: shapes are static ((M, P) and (G, K, P)), values are not looked at.
+# Outside compilation gmm / gmm_wgrad call the functions directly (no dispatcher overhead).
+_gmm_op = torch.library.custom_op("molora::gmm", _gmm, mutates_args=())
+_gmm_wgrad_op = torch.library.custom_op("molora::gmm_wgrad", _gmm_wgrad, mutates_args=())
+
+
+@_gmm_op.register_fake
+def _gmm_fake(a, b, offs, use_kernel):
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+@_gmm_wgrad_op.register_fake
+def _gmm_wgrad_fake(a, b, offs, use_kernel):
+    return a.new_empty(offs.shape[0], a.shape[-1], b.shape[-1])
