@@ -62,12 +62,16 @@ def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_molora(model: Any, save_directory: str | os.PathLike) -> None:
-    """Write the adapter of ``model`` to ``save_directory`` (see module docstring)."""
+def save_molora(model: Any, save_directory: str | os.PathLike, *, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the adapter of ``model`` to ``save_directory`` (see module docstring).
+
+    ``state`` replaces :func:`adapter_state_dict` (same keys): a model sharded over processes
+    (FSDP2, whose parameters are shards) passes the full tensors it gathered on every rank.
+    """
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"`save_directory` {str(directory)!r} exists and is not a folder")
-    state = adapter_state_dict(model)
+    state = adapter_state_dict(model) if state is None else state
     meta: dict[str, Any] = {
         "molora_version": __version__,
         "config": model.molora_config.to_dict(),

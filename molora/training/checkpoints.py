@@ -1,6 +1,9 @@
 """Training checkpoints: ``checkpoints/step_XXXXXXX/`` holds ``adapter/`` (``save_pretrained``),
-``optimizer.pt`` (under FSDP ``optimizer_rank<r>.pt``), ``scheduler.pt``, ``rng_rank<r>.pt``
-and ``trainer_state.json``. A checkpoint is written by every rank into one hidden temporary
+``optimizer.pt`` (under FSDP2 one shard per rank, ``optimizer_rank<r>.pt``: the optimizer state
+of the rank's parameter shards, keyed by parameter name), ``scheduler.pt``, ``rng_rank<r>.pt``
+and ``trainer_state.json``. Under FSDP2 the adapter is gathered whole (only the adapter, never
+the base) and written by the main process; the optimizer shards resume on the same number of
+processes. A checkpoint is written by every rank into one hidden temporary
 folder that then replaces ``step_XXXXXXX/`` as one unit (:mod:`molora.atomic`), so an
 interrupted save leaves the old checkpoint or the new one, and its leftovers are removed by the
 next save; resuming restores all of it, so that a resumed run has the same losses as an
@@ -26,8 +29,9 @@ import torch
 
 from molora.atomic import atomic_directory, atomic_write_text
 from molora.core.config import MoLoRAConfig
+from molora.io import adapter_state_dict
 from molora.model import MoLoRAModel
-from molora.training.distributed import is_sharded
+from molora.training.distributed import gather_full_tensors, is_sharded
 from molora.training.run_dir import CHECKPOINTS, STATE, checkpoint_dirs, checkpoint_step
 
 __all__ = ["load_checkpoint_model", "load_training_state", "save_adapter", "save_checkpoint"]
@@ -55,38 +59,67 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _optimizer_file(accelerator) -> str:
-    """FSDP shards the optimizer state: one file per rank; otherwise one shared file."""
-    return f"optimizer_rank{accelerator.process_index}.pt" if is_sharded(accelerator) else "optimizer.pt"
+def _optimizer_file(accelerator, model) -> str:
+    """FSDP2 shards the optimizer state: one file per rank; otherwise one shared file."""
+    return f"optimizer_rank{accelerator.process_index}.pt" if is_sharded(model) else "optimizer.pt"
 
 
 def save_adapter(accelerator, model, path: Path) -> None:
     """``save_pretrained`` of the unwrapped model on the main process (all ranks call).
 
-    Under FSDP (v1) the parameters are gathered first (``summon_full_params``); FSDP2
-    (``fully_shard``) is not supported yet and raises.
+    Under FSDP2 every rank first all-gathers the adapter's shards (experts, routers, modules to
+    save; the frozen base stays sharded), and the main process writes the full tensors.
 
     Args:
         accelerator: the run's ``accelerate.Accelerator``.
-        model: the prepared (possibly wrapped) MoLoRA model.
+        model: the prepared (possibly wrapped or sharded) MoLoRA model.
         path: the adapter folder to write.
-
-    Raises:
-        NotImplementedError: the model is sharded with FSDP2.
     """
-    if is_sharded(accelerator):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        if not isinstance(model, FSDP):
-            raise NotImplementedError(
-                "saving MoLoRA adapters under FSDP2 (fully_shard) is not supported yet: use FSDP v1 or DDP"
-            )
-        with FSDP.summon_full_params(model, writeback=False, rank0_only=True, offload_to_cpu=True):
-            if accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(path)
+    inner = accelerator.unwrap_model(model)
+    if is_sharded(model):
+        state = gather_full_tensors(adapter_state_dict(inner))  # a collective: all ranks
+        if accelerator.is_main_process:
+            inner.save_pretrained(path, state=state)
     elif accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path)
+        inner.save_pretrained(path)
     accelerator.wait_for_everyone()
+
+
+def _sharded_optimizer_state(model, optimizer) -> dict[str, Any]:
+    """This rank's optimizer state under FSDP2, keyed by parameter name; each ``DTensor`` is
+    replaced by its local shard (a plain tensor: the file loads with ``weights_only``)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    state = get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer))
+    # new dicts: the returned ones may be the optimizer's live state
+    local = {
+        name: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in values.items()}
+        for name, values in state["state"].items()
+    }
+    return {**state, "state": local}
+
+
+def _load_sharded_optimizer(model, optimizer, state: dict[str, Any]) -> None:
+    """Inverse of :func:`_sharded_optimizer_state`: each shard becomes a ``DTensor`` laid out as
+    its parameter (same mesh and placements), then the optimizer loads the state."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters())
+    for name, values in state["state"].items():
+        param = params[name]
+        for key, value in values.items():
+            if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.dim() > 0:
+                values[key] = DTensor.from_local(
+                    value.to(param.device),
+                    param.device_mesh,
+                    param.placements,
+                    run_check=False,
+                    shape=param.shape,
+                    stride=param.stride(),
+                )
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), optim_state_dict=state)
 
 
 def save_checkpoint(
@@ -113,8 +146,10 @@ def save_checkpoint(
         _remove_leftovers(final.parent)
     with _shared_atomic_directory(accelerator, final) as tmp:
         save_adapter(accelerator, model, tmp / "adapter")
-        if accelerator.is_main_process or is_sharded(accelerator):
-            torch.save(optimizer.state_dict(), tmp / _optimizer_file(accelerator))
+        if is_sharded(model):
+            torch.save(_sharded_optimizer_state(model, optimizer), tmp / _optimizer_file(accelerator, model))
+        elif accelerator.is_main_process:
+            torch.save(optimizer.state_dict(), tmp / _optimizer_file(accelerator, model))
         if accelerator.is_main_process:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
@@ -190,12 +225,13 @@ def load_checkpoint_model(base: torch.nn.Module, ckpt: Path, config: MoLoRAConfi
 
 
 def load_training_state(
-    accelerator, optimizer, scheduler, ckpt: Path, *, batch_size: int, max_steps: int
+    accelerator, model, optimizer, scheduler, ckpt: Path, *, batch_size: int, max_steps: int
 ) -> tuple[int, int]:
     """Restore the optimizer, scheduler and this rank's RNG from a checkpoint.
 
     Args:
         accelerator: the run's ``accelerate.Accelerator``.
+        model: the prepared (possibly sharded) model the optimizer holds the parameters of.
         optimizer: the prepared optimizer.
         scheduler: the lr scheduler.
         ckpt: the checkpoint folder.
@@ -206,18 +242,26 @@ def load_training_state(
         ``(step, micro_step)`` of the checkpoint.
 
     Raises:
-        ValueError: the checkpoint is already at ``max_steps`` or beyond.
+        ValueError: the checkpoint is already at ``max_steps`` or beyond, or its optimizer
+            state is laid out for another sharding (``train.fsdp``, number of processes).
     """
     with _reading(ckpt / STATE):
         state = json.loads((ckpt / STATE).read_text())
-        state = {k: state[k] for k in ("step", "micro_step", "world_size", "batch_size")}
+        state = {k: state[k] for k in ("step", "micro_step", "world_size", "batch_size")} | {
+            "fsdp": bool(state.get("fsdp", False))
+        }
+    _check_layout(accelerator, model, state, ckpt)
     if state["world_size"] != accelerator.num_processes or state["batch_size"] != batch_size:
         accelerator.print(
             f"warning: resuming with another world size / batch size than {ckpt}: the data order differs from an uninterrupted run"
         )
-    optimizer_file = ckpt / _optimizer_file(accelerator)
+    optimizer_file = ckpt / _optimizer_file(accelerator, model)
     with _reading(optimizer_file):
-        optimizer.load_state_dict(torch.load(optimizer_file, weights_only=True, map_location="cpu"))
+        saved = torch.load(optimizer_file, weights_only=True, map_location="cpu")
+        if is_sharded(model):
+            _load_sharded_optimizer(model, optimizer, saved)
+        else:
+            optimizer.load_state_dict(saved)
     with _reading(ckpt / "scheduler.pt"):
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng_file = ckpt / f"rng_rank{accelerator.process_index}.pt"
@@ -231,6 +275,23 @@ def load_training_state(
         )
     accelerator.print(f"resumed from {ckpt} at step {step}")
     return step, micro
+
+
+def _check_layout(accelerator, model, state: dict[str, Any], ckpt: Path) -> None:
+    """The optimizer state of ``ckpt`` fits this run: the same sharding, and under FSDP2 the
+    same number of processes (one shard per rank)."""
+    sharded = is_sharded(model)
+    if state["fsdp"] != sharded:
+        raise ValueError(
+            f"--resume: checkpoint {ckpt} was written with train.fsdp={str(state['fsdp']).lower()} "
+            f"and this run has train.fsdp={str(sharded).lower()} over {accelerator.num_processes} process(es): "
+            "resume with the same setting"
+        )
+    if sharded and state["world_size"] != accelerator.num_processes:
+        raise ValueError(
+            f"--resume: checkpoint {ckpt} holds FSDP2 optimizer shards of {state['world_size']} processes, "
+            f"this run has {accelerator.num_processes}: resume with --num_processes {state['world_size']}"
+        )
 
 
 @contextlib.contextmanager

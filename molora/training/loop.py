@@ -1,5 +1,5 @@
 """The multitask training loop on ``accelerate``: one code path for a single process, DDP and
-FSDP (``accelerate launch``).
+FSDP2 (``accelerate launch`` or torchrun; ``train.fsdp``: :mod:`molora.training.distributed`).
 
 ``train(config)`` builds the tokenizer, the per-task data (tokenized per task, then mixed
 with ``molora.training.data.mix_tasks``), the base model and its MoLoRA wrapper, and runs AdamW with
@@ -37,7 +37,7 @@ from molora.model import MoLoRAModel, get_molora_model
 from molora.training.base_model import check_vocab, keep_base_with_run, load_base_model
 from molora.training.checkpoints import load_checkpoint_model, load_training_state, save_adapter, save_checkpoint
 from molora.training.data import MultitaskCollator
-from molora.training.distributed import is_sharded, make_accelerator
+from molora.training.distributed import check_launcher, is_sharded, make_accelerator, no_sync, shard_model
 from molora.training.evaluation import evaluate
 from molora.training.export import export_per_task
 from molora.training.loaders import build_datasets, build_loaders, check_files
@@ -58,7 +58,7 @@ class _Run:
     config: RunConfig
     accelerator: Any
     output_dir: Path
-    model: torch.nn.Module  # prepared by accelerate (possibly DDP/FSDP-wrapped)
+    model: torch.nn.Module  # prepared by accelerate (possibly DDP-wrapped), or sharded in place (FSDP2)
     inner: MoLoRAModel  # the same model, unwrapped
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -92,6 +92,7 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
         )
     output_dir = Path(config.train.output_dir)
     accelerator = make_accelerator(config.train.mixed_precision)
+    check_launcher(accelerator, fsdp=config.train.fsdp)
     ckpt = _start_run_dir(accelerator, config, output_dir, resume)
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config)
@@ -147,15 +148,24 @@ def _build_model(config: RunConfig, tokenizer, output_dir: Path, *, ckpt: Path |
 def _prepare(
     accelerator, config: RunConfig, output_dir: Path, model: MoLoRAModel, train_ds, eval_sets: dict, collator
 ) -> _Run:
-    """Optimizer, scheduler and loaders, prepared by accelerate for this process."""
+    """Optimizer, scheduler and loaders, prepared by accelerate for this process; the model is
+    DDP-wrapped by accelerate, or sharded with FSDP2 before the optimizer is built (``train.fsdp``)."""
     t = config.train
+    sharded = t.fsdp and accelerator.num_processes > 1
+    if t.fsdp and not sharded:
+        accelerator.print("train.fsdp: one process, nothing to shard; training unsharded")
+    if sharded:
+        model = shard_model(model, accelerator)
     optimizer, scheduler = build_optimizer(model, t)
     train_loader, eval_loaders = build_loaders(
         train_ds, eval_sets, collator, t, num_processes=accelerator.num_processes
     )
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would
-    # step it once per process).
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # step it once per process). A sharded model is not given to accelerate (it would wrap it in DDP).
+    if sharded:
+        optimizer, train_loader = accelerator.prepare(optimizer, train_loader)
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     eval_loaders = {n: accelerator.prepare_data_loader(dl) for n, dl in eval_loaders.items()}
     if len(train_loader) == 0:
         raise ValueError(
@@ -171,7 +181,13 @@ def _restore(run: _Run, ckpt: Path | None) -> None:
     t = run.config.train
     if ckpt is not None:
         run.step, run.micro = load_training_state(
-            run.accelerator, run.optimizer, run.scheduler, ckpt, batch_size=t.batch_size, max_steps=t.max_steps
+            run.accelerator,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            ckpt,
+            batch_size=t.batch_size,
+            max_steps=t.max_steps,
         )
     keep_until = run.step if ckpt is not None else None
     run.log = MetricsLog(run.output_dir / METRICS, run.accelerator.is_main_process, keep_until=keep_until)
@@ -249,7 +265,7 @@ def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]
     step_targets = torch.stack([count_targets(b["labels"], causal=causal) for b in batches]).sum()
     for k, batch in enumerate(batches):
         # gradients are all-reduced on the last micro-batch only
-        sync = contextlib.nullcontext() if k == t.grad_accum - 1 else accelerator.no_sync(model)
+        sync = contextlib.nullcontext() if k == t.grad_accum - 1 else no_sync(accelerator, model)
         with sync:
             loss, stats = micro_batch_loss(
                 model, run.inner, batch, causal=causal, step_targets=step_targets, grad_accum=t.grad_accum
@@ -313,6 +329,7 @@ def _trainer_state(run: _Run) -> dict[str, Any]:
         "batch_size": t.batch_size,
         "grad_accum": t.grad_accum,
         "seed": t.seed,
+        "fsdp": is_sharded(run.model),  # the optimizer state is then one shard per rank
     }
 
 
@@ -329,6 +346,7 @@ def _summary(run: _Run, *, trainable: int, total: int) -> dict[str, Any]:
         "router": config.molora.router,
         "num_experts": config.molora.num_experts,
         "num_processes": run.accelerator.num_processes,
+        "fsdp": is_sharded(run.model),
         "mixed_precision": run.accelerator.mixed_precision,
         "wall_time_s": time.time() - run.started,
         "config": config.source,
@@ -347,7 +365,7 @@ def _save_final(run: _Run, summary: dict[str, Any], eval_sets: dict, collator) -
             collator,
             output_dir / EXPORT,
             accelerator.device,
-            sharded=is_sharded(accelerator),
+            sharded=is_sharded(run.model),
         )
         atomic_write_text(output_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
         accelerator.print(f"done: {run.step} steps; adapter in {output_dir / FINAL}")

@@ -150,6 +150,11 @@ class TrainSection:
             run's checkpoints/metrics deletes them; otherwise it refuses to start.
         export: at the end, export per-task merged PEFT adapters to ``output_dir/export``
             (task router: its tables; other routers: gates measured on each task's eval data).
+            Skipped under FSDP2: ``molora export OUTPUT_DIR`` exports the final adapter.
+        fsdp: shard the model over the processes with FSDP2 (``fully_shard`` per decoder
+            layer, experts and routers with their layer; optimizer state sharded too) instead
+            of DDP. Needs several processes (``accelerate launch --multi_gpu`` or torchrun);
+            one process trains unsharded.
     """
 
     output_dir: str = "runs/molora"
@@ -176,6 +181,7 @@ class TrainSection:
     progress_bar: bool = True
     overwrite_output_dir: bool = False
     export: bool = True
+    fsdp: bool = False
 
 
 @dataclass
