@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import types
 from contextlib import contextmanager
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from molora.calls import batch_size, generation_expansion, with_signature
 from molora.core.config import MoLoRAConfig
 from molora.core.layer import MoLoRALinear
 from molora.core.losses import load_balancing_loss, router_z_loss
@@ -51,7 +51,7 @@ class MoLoRAModel(nn.Module):
         self._token_mask: torch.Tensor | None = None
         self.track_routing_stats = True
         self.reset_routing_stats()
-        self.forward = types.MethodType(_with_signature(type(self).forward, base_model), self)
+        self.forward = types.MethodType(with_signature(type(self).forward, base_model), self)
 
     # ------------------------------------------------------------------ access
     def __getattr__(self, name: str) -> Any:
@@ -105,7 +105,7 @@ class MoLoRAModel(nn.Module):
         """
         if labels is not None:
             kwargs["labels"] = labels
-        self._set_routing(task_ids, _batch_size(args, kwargs))
+        self._set_routing(task_ids, batch_size(args, kwargs))
         self._token_mask = kwargs.get("attention_mask")
         out = self.base_model(*args, **kwargs)
         if self.track_routing_stats:
@@ -164,8 +164,8 @@ class MoLoRAModel(nn.Module):
         The ids are expanded here as generate expands the batch: each sequence's id is repeated
         ``max(num_beams, num_return_sequences)`` times, consecutively.
         """
-        batch = _batch_size(args, kwargs)
-        expand = _generation_expansion(self.base_model, kwargs)
+        batch = batch_size(args, kwargs)
+        expand = generation_expansion(self.base_model, kwargs)
         self._set_routing(task_ids, batch)
         if self.routing_context.task_ids is not None and expand > 1:
             self.routing_context.task_ids = self.routing_context.task_ids.repeat_interleave(expand)
@@ -387,52 +387,6 @@ class MoLoRAModel(nn.Module):
         return from_peft.from_lora_adapters(cls, base_model, paths, config, **kwargs)
 
 
-def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
-    """The batch size of a model call, from its first batched input (None if there is none)."""
-    for key in ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "attention_mask"):
-        value = kwargs.get(key)
-        if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            return value.shape[0]
-    first = args[0] if args else None
-    return first.shape[0] if isinstance(first, torch.Tensor) and first.dim() >= 1 else None
-
-
-def _generation_expansion(base_model: nn.Module, kwargs: dict[str, Any]) -> int:
-    """How many rows ``generate`` makes of each input sequence: max(num_beams, num_return_sequences)."""
-    config = kwargs.get("generation_config") or getattr(base_model, "generation_config", None)
-    beams = kwargs.get("num_beams", getattr(config, "num_beams", None)) or 1
-    returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None)) or 1
-    return max(int(beams), int(returned))
-
-
 def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
     """Wrap ``model`` into a MoLoRAModel (injects in place, as PEFT's get_peft_model)."""
     return MoLoRAModel(model, config)
-
-
-def _with_signature(forward, base_model: nn.Module):
-    """A copy of ``forward`` whose signature lists the base model's named arguments plus
-    ``task_ids``, so signature-inspecting callers (HF Trainer's column pruning) keep them."""
-    func = types.FunctionType(
-        forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__
-    )
-    func.__kwdefaults__ = forward.__kwdefaults__
-    func.__doc__ = forward.__doc__
-    try:
-        base_params = inspect.signature(base_model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return func
-    kept = [
-        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p
-        for p in base_params
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    ]
-    params = [
-        inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
-        inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
-    ]
-    params += [p for p in kept if p.name != "task_ids"]
-    params += [inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)]
-    params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
-    func.__signature__ = inspect.Signature(params)
-    return func
