@@ -96,6 +96,11 @@ def _truncated(tmp: Path) -> Path:
     return path
 
 
+def _base(tmp: Path) -> str:
+    tiny_llama().save_pretrained(tmp / "base")
+    return str(tmp / "base")
+
+
 def _a_file(tmp: Path) -> Path:
     (tmp / "file").write_text("x")
     return tmp / "file"
@@ -114,7 +119,8 @@ def cli_cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("train: unknown override key", ["train", tiny, out, "train.learning_rat=1e-3"]),
         ("train: missing config file", ["train", str(tmp / "none.yaml")]),
         ("export: missing run folder", ["export", str(tmp / "no-run"), "--out", str(tmp / "x")]),
-        ("export: --weights not JSON", ["export", str(_saved(tmp, "cli")), "--out", str(tmp / "y"), "--weights", str(not_json)]),
+        ("export: --weights not JSON", ["export", str(_saved(tmp, "cli")), "--base", _base(tmp), "--out", str(tmp / "y"),
+                                        "--weights", str(not_json)]),
     ]
 
 
