@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from molora.atomic import atomic_write_text
 from molora.model import MoLoRAModel, get_molora_model
-from molora.training.base_model import keep_base_with_run, load_base_model
+from molora.training.base_model import keep_base_with_run, load_base_model, prepare_quantized_base
 from molora.training.checkpoints import load_checkpoint_model, load_training_state, save_adapter, save_checkpoint
 from molora.training.data import MultitaskCollator
 from molora.training.distributed import is_sharded, make_accelerator
@@ -128,6 +128,7 @@ def _build_model(config: RunConfig, tokenizer, output_dir: Path, *, ckpt: Path |
     base = load_base_model(config, tokenizer)
     if config.model.from_config is not None:
         base = keep_base_with_run(base, output_dir, resuming=ckpt is not None, main=main)
+    base = prepare_quantized_base(base, config)  # QLoRA (model.quantization), else unchanged
     if ckpt is not None:
         model = load_checkpoint_model(base, ckpt, config.molora)
     else:
