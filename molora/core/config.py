@@ -48,7 +48,8 @@ class MoLoRAConfig:
         router_init_std: std of the router's normal initialization.
         adapter_dtype: storage dtype of expert and router-free parameters: "float32"
             (default, as PEFT: stable AdamW updates under bf16/fp16 bases; compute runs in the
-            activation dtype), "base" (the base layer's dtype), "bfloat16", "float16". Router
+            activation dtype), "base" (the base layer's dtype; a bitsandbytes 4-bit layer's compute
+            dtype), "bfloat16", "float16". Router
             weights are always float32.
         modules_to_save: extra modules (same matching rules as ``target_modules``) that stay
             trainable and are saved with the adapter, e.g. a classification head.
