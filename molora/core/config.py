@@ -209,7 +209,9 @@ def _check_routing(c: MoLoRAConfig) -> list[str]:
     if c.top_k is not None and not (_is_int(c.top_k) and n is not None and 1 <= c.top_k <= n):
         errors.append(f"`top_k` must be in [1, num_experts={n}], got {c.top_k!r}")
     if c.router == "soft" and c.top_k is not None:
-        errors.append(f"`top_k` must be None for router='soft' (it uses all experts), got {c.top_k!r}; use router='topk'")
+        errors.append(
+            f"`top_k` must be None for router='soft' (it uses all experts), got {c.top_k!r}; use router='topk'"
+        )
     if c.normalize_top_k is not None and not isinstance(c.normalize_top_k, bool):
         errors.append(f"`normalize_top_k` must be None, True or False, got {c.normalize_top_k!r}")
     if c.expert_impl not in EXPERT_IMPLS:
