@@ -83,7 +83,11 @@ def router_kwargs(config: MoLoRAConfig, spec: LayerSpec | None = None) -> dict:
 def _adapter_dtype(config: MoLoRAConfig, base_layer: nn.Module) -> torch.dtype:
     if config.adapter_dtype == "base":
         dtype = base_layer.weight.dtype
-        return dtype if dtype.is_floating_point else torch.float32
+        if dtype.is_floating_point:
+            return dtype
+        # quantized storage (bitsandbytes 4-bit packs into uint8): the layer's compute dtype
+        compute = getattr(base_layer, "compute_dtype", None)
+        return compute if isinstance(compute, torch.dtype) and compute.is_floating_point else torch.float32
     return _DTYPES[config.adapter_dtype]
 
 

@@ -72,6 +72,18 @@ def test_bench_layer_prints_every_row(capsys, tmp_path):
     assert md.read_text().count("<!-- bench_layer_cpu:begin -->") == 1
 
 
+@pytest.mark.parametrize("base, w0_mib", [("dense", "0.06"), ("nf4", "0.01")])
+def test_bench_layer_base_option_reports_the_stored_w0(capsys, base, w0_mib):
+    if base == "nf4":
+        pytest.importorskip("bitsandbytes")
+    args = [*TINY_LAYER, "-d", "128", "--routers", "topk", "--impls", "dense", "--base", base]
+    assert bench_layer.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"W0 {base}" in out and "W0 MiB" in out
+    row = next(line for line in out.splitlines() if line.startswith("molora top2 dense"))
+    assert row.split()[-2] == w0_mib  # 128 x 128 float32: 64 KiB; NF4: 8 KiB + block scales
+
+
 def test_bench_train_prints_every_row(capsys, tmp_path):
     md = tmp_path / "RESULTS.md"
     assert bench_train.main([*TINY_TRAIN, "--markdown", str(md)]) == 0

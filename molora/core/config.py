@@ -49,7 +49,8 @@ class MoLoRAConfig:
         router_init_std: std of the router's normal initialization.
         adapter_dtype: storage dtype of expert and router-free parameters: "float32"
             (default, as PEFT: stable AdamW updates under bf16/fp16 bases; compute runs in the
-            activation dtype), "base" (the base layer's dtype), "bfloat16", "float16". Router
+            activation dtype), "base" (the base layer's dtype; a bitsandbytes 4-bit layer's compute
+            dtype), "bfloat16", "float16". Router
             weights are always float32.
         modules_to_save: extra modules (same matching rules as ``target_modules``) that stay
             trainable and are saved with the adapter, e.g. a classification head.
@@ -241,7 +242,9 @@ def _check_routing(c: MoLoRAConfig) -> list[str]:
     if c.top_k is not None and not (_is_int(c.top_k) and n is not None and 1 <= c.top_k <= n):
         errors.append(f"`top_k` must be in [1, num_experts={n}], got {c.top_k!r}")
     if c.router == "soft" and c.top_k is not None:
-        errors.append(f"`top_k` must be None for router='soft' (it uses all experts), got {c.top_k!r}; use router='topk'")
+        errors.append(
+            f"`top_k` must be None for router='soft' (it uses all experts), got {c.top_k!r}; use router='topk'"
+        )
     if c.normalize_top_k is not None and not isinstance(c.normalize_top_k, bool):
         errors.append(f"`normalize_top_k` must be None, True or False, got {c.normalize_top_k!r}")
     if c.expert_impl not in EXPERT_IMPLS:

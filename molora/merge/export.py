@@ -95,6 +95,7 @@ from molora.merge.peft_format import (
     export_directory,
     peft_adapter_config,
 )
+from molora.merge.quantized import dequantize_for_merge
 from molora.merge.rank import choose_rank
 from molora.merge.vllm import check_vllm_config, serve_command, vllm_rank
 
@@ -353,7 +354,9 @@ def merge_and_unload(
     """Fold dW = s * sum_i w_i B_i A_i into every base weight and return the plain base model.
 
     The MoLoRA modules are removed (``model.unload()``); the returned model is the original
-    transformers model with merged weights. ``model`` must not be used afterwards.
+    transformers model with merged weights. ``model`` must not be used afterwards. A
+    bitsandbytes 4-bit / 8-bit (QLoRA) base is dequantized first and comes back unquantized,
+    in its ``model.dtype``, with a warning (:mod:`molora.merge.quantized`).
 
     Args:
         model: a MoLoRAModel.
@@ -369,7 +372,9 @@ def merge_and_unload(
     if task == "all":
         raise ValueError("`task='all'` is for export_merged_adapter; merge_and_unload takes one task")
     gates = resolve_weights(model, weights, task)
-    for name, layer in tqdm(_molora_layers(model).items(), desc="merge", disable=not progress, unit="layer"):
+    layers = _molora_layers(model)
+    dequantize_for_merge(model.get_base_model(), {name: layer.base_layer for name, layer in layers.items()})
+    for name, layer in tqdm(layers.items(), desc="merge", disable=not progress, unit="layer"):
         f = merge_layer(layer, gates[name])  # exact ("cat"), shared experts included
         delta = f.lora_B @ f.lora_A  # (out, in)
         weight = layer.base_layer.weight  # (out, in), or (in, out) for Conv1D

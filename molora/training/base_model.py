@@ -1,5 +1,6 @@
 """The base model of a training run: loaded from a folder, or built with random weights from
-``model.from_config`` and then kept in the run folder so that adapters can name their base."""
+``model.from_config`` and then kept in the run folder so that adapters can name their base;
+quantized with bitsandbytes and prepared for k-bit training under ``model.quantization`` (QLoRA)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from molora.atomic import atomic_directory
 from molora.training.run_config import RunConfig
 
-__all__ = ["BASE_MODEL_DIR", "check_vocab", "keep_base_with_run", "load_base_model"]
+__all__ = ["BASE_MODEL_DIR", "check_vocab", "keep_base_with_run", "load_base_model", "prepare_quantized_base"]
 
 BASE_MODEL_DIR = "base_model"
 
@@ -45,6 +46,8 @@ def load_base_model(config: RunConfig, tokenizer) -> torch.nn.Module:
         hf_config = _config_from_dict(dict(m.from_config), kwargs)
         model = auto.from_config(hf_config, dtype=dtype or torch.float32)
     else:
+        if m.quantization is not None:
+            kwargs.update(_quantized_loading(m.quantization))
         model = auto.from_pretrained(
             m.name_or_path, dtype=dtype or "auto", trust_remote_code=m.trust_remote_code, **kwargs
         )
@@ -113,3 +116,57 @@ def keep_base_with_run(base: torch.nn.Module, output_dir: Path, *, resuming: boo
             base.save_pretrained(tmp)  # atomic_directory gives its files the usual modes
     base.config.name_or_path = str(base_dir)
     return base
+
+
+def prepare_quantized_base(base: torch.nn.Module, config: RunConfig) -> torch.nn.Module:
+    """Under ``model.quantization``: the quantized base, prepared for k-bit training.
+
+    A base built from config (random weights, not quantizable while building) is reloaded from
+    the run folder where :func:`keep_base_with_run` kept it. The preparation is PEFT's
+    ``prepare_model_for_kbit_training``: the base's non-quantized float16/bfloat16 parameters
+    (norms, embeddings, head) in float32, inputs that require grad, and gradient checkpointing
+    (non-reentrant, which keeps the router losses' gradients) when ``model.gradient_checkpointing``.
+
+    Returns:
+        ``base`` unchanged without ``model.quantization``.
+
+    Raises:
+        ImportError: bitsandbytes or peft is missing (``pip install 'molora[qlora]'``).
+    """
+    m = config.model
+    if m.quantization is None:
+        return base
+    if not getattr(base, "is_quantized", False):  # from_config: reload the kept base quantized
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the main process has written it
+        base = type(base).from_pretrained(
+            base.config.name_or_path, dtype=base.dtype, **_quantized_loading(m.quantization)
+        )
+    try:
+        from peft import prepare_model_for_kbit_training
+    except ImportError as err:
+        raise ImportError("'model.quantization' needs peft: pip install 'molora[qlora]'") from err
+    return prepare_model_for_kbit_training(
+        base,
+        use_gradient_checkpointing=m.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def _quantized_loading(quantization: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` kwargs of a bitsandbytes base: its config and this process's device."""
+    import transformers
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ImportError("'model.quantization' needs bitsandbytes: pip install 'molora[qlora]'") from err
+    from accelerate import PartialState
+
+    q = dict(quantization)
+    if "bnb_4bit_compute_dtype" in q:
+        q["bnb_4bit_compute_dtype"] = getattr(torch, q["bnb_4bit_compute_dtype"])
+    if "bnb_4bit_quant_storage" in q:
+        q["bnb_4bit_quant_storage"] = getattr(torch, q["bnb_4bit_quant_storage"])
+    # a quantized model cannot be moved after loading: load it on the device this process trains on
+    return {"quantization_config": transformers.BitsAndBytesConfig(**q), "device_map": {"": PartialState().device}}

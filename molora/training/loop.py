@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from molora.atomic import atomic_write_text
 from molora.inject import find_target_modules
 from molora.model import MoLoRAModel, get_molora_model
-from molora.training.base_model import check_vocab, keep_base_with_run, load_base_model
+from molora.training.base_model import check_vocab, keep_base_with_run, load_base_model, prepare_quantized_base
 from molora.training.checkpoints import load_checkpoint_model, load_training_state, save_adapter, save_checkpoint
 from molora.training.data import MultitaskCollator
 from molora.training.distributed import check_launcher, is_sharded, make_accelerator, no_sync, shard_model
@@ -133,6 +133,7 @@ def _build_model(config: RunConfig, tokenizer, output_dir: Path, *, ckpt: Path |
     find_target_modules(base, config.molora.target_modules)  # a typo fails before anything is written
     if config.model.from_config is not None:
         base = keep_base_with_run(base, output_dir, resuming=ckpt is not None, main=main)
+    base = prepare_quantized_base(base, config)  # QLoRA (model.quantization), else unchanged
     if ckpt is not None:
         model = load_checkpoint_model(base, ckpt, config.molora)
     else:

@@ -38,6 +38,7 @@ from routers import SoftRouter, TaskRouter, TopKRouter
 
 ROUTER_KINDS = ("topk", "soft", "task", "task_topk")
 MOLORA_IMPLS = ("auto", "dense", "grouped", "grouped_bmm", "hybrid", "eager")
+BASES = ("dense", "nf4", "int8")
 _CPU_DEFAULTS = {"tokens": 2048, "dim": 1024, "dtype": "float32"}
 _CUDA_DEFAULTS = {"tokens": 4096, "dim": 4096, "dtype": "bfloat16"}
 
@@ -64,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routers", default="topk,soft,task", help=f"comma list of {ROUTER_KINDS}")
     parser.add_argument("--impls", default=",".join(MOLORA_IMPLS), help="comma list of molora expert paths")
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT LoRA rows")
+    parser.add_argument(
+        "--base",
+        choices=BASES,
+        default="dense",
+        help="the frozen W0: dense in --dtype, or bitsandbytes nf4 (QLoRA) / int8 computing in --dtype",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (medians)")
@@ -96,6 +103,32 @@ def _frozen_linear(in_features: int, out_features: int, device, dtype) -> nn.Lin
     layer = nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
     layer.weight.requires_grad_(False)
     return layer
+
+
+def _quantized_linear(weight: torch.Tensor, kind: str, device, dtype) -> nn.Linear:
+    """A bitsandbytes Linear4bit (NF4, computing in ``dtype``) or Linear8bitLt holding ``weight``."""
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    data = weight.detach().float().cpu()
+    if kind == "nf4":
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
+    return layer.to(device)  # quantizes
+
+
+def _base_mib(variant: Variant) -> float:
+    """MiB of the frozen base weight as stored (NF4 / int8 with their scales, or dense)."""
+    total = 0
+    for w in variant.frozen:
+        total += w.numel() * w.element_size()
+        state = getattr(w, "quant_state", None)
+        scales = [state.absmax] if state is not None else [getattr(w, "SCB", None)]
+        total += sum(t.numel() * t.element_size() for t in scales if isinstance(t, torch.Tensor))
+    return total / 2**20
 
 
 def _peft_lora(base: nn.Linear, rank: int, device, dtype) -> Variant:
@@ -134,13 +167,16 @@ def build_variants(args: argparse.Namespace, device, dtype, in_features: int, ou
     base_weight = _frozen_linear(in_features, out_features, device, dtype).weight.detach().clone()
 
     def base_copy() -> nn.Linear:
+        if args.base != "dense":
+            return _quantized_linear(base_weight, args.base, device, dtype)
         layer = _frozen_linear(in_features, out_features, device, dtype)
         with torch.no_grad():
             layer.weight.copy_(base_weight)
         return layer
 
     base = base_copy()
-    variants = [Variant("base (frozen W0)", base, [], [base.weight])]
+    label = "base (frozen W0)" if args.base == "dense" else f"base (frozen W0, {args.base})"
+    variants = [Variant(label, base, [], [base.weight])]
     if not args.no_peft:
         variants.append(_peft_lora(base_copy(), args.rank, device, dtype))
         variants.append(_peft_lora(base_copy(), args.top_k * args.rank, device, dtype))
@@ -202,11 +238,11 @@ def run(args: argparse.Namespace) -> int:
     )
     memory = {v.name: _activation_memory(v, x, grad_out, device, reset) for v in variants}
     mem_header = "peak MiB" if device.type == "cuda" else "saved act MiB"
-    headers = ["variant", "ms", "x base", f"x LoRA r={args.rank}", "min ms", mem_header]
+    headers = ["variant", "ms", "x base", f"x LoRA r={args.rank}", "min ms", mem_header, "W0 MiB", "adapter MiB"]
     rows = _rows(args, variants, times, memory)
     shape = (
         f"T={tokens}, in={in_features}, out={out_features}, N={args.experts}, r={args.rank}, top-{args.top_k}, "
-        f"{str(dtype).replace('torch.', '')}, {device.type}, fwd+bwd (grads: x, adapters, router; W0 frozen), "
+        f"{str(dtype).replace('torch.', '')}, {device.type}, W0 {args.base}, fwd+bwd (grads: x, adapters, router; W0 frozen), "
         f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up, {args.clock} clock, "
         f"torch threads={torch.get_num_threads()}"
     )
@@ -252,6 +288,8 @@ def _rows(args, variants: list[Variant], times: dict, memory: dict) -> list[list
                 f"{ms / peft_ms:.3f}",
                 f"{min(times[v.name]) * 1e3:.2f}",
                 f"{memory[v.name]:.1f}",
+                f"{_base_mib(v):.2f}",
+                f"{sum(p.numel() * p.element_size() for p in v.trainable) / 2**20:.2f}",
             ]
         )
     return rows

@@ -25,6 +25,18 @@ __all__ = [
 MISSING = "???"
 TASK_TYPES = ("causal_lm", "sequence_classification")
 MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
+# model.quantization: the BitsAndBytesConfig keys a run config may set, with their allowed values
+# (a tuple of choices, or a type)
+QUANTIZATION_KEYS: dict[str, Any] = {
+    "load_in_4bit": bool,
+    "load_in_8bit": bool,
+    "bnb_4bit_quant_type": ("nf4", "fp4"),
+    "bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
+    "bnb_4bit_use_double_quant": bool,
+    "bnb_4bit_quant_storage": ("uint8", "bfloat16", "float16", "float32"),
+    "llm_int8_threshold": float,
+    "llm_int8_skip_modules": list,
+}
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 SECTIONS = ("model", "molora", "data", "train")
@@ -54,6 +66,12 @@ class ModelSection:
         trust_remote_code: passed to ``from_pretrained``.
         gradient_checkpointing: enable the base model's gradient checkpointing.
         attn_implementation: passed to ``from_pretrained`` / ``from_config`` (e.g. "sdpa").
+        quantization: QLoRA: load the base with bitsandbytes, e.g. ``{load_in_4bit: true,
+            bnb_4bit_quant_type: nf4, bnb_4bit_compute_dtype: bfloat16}`` or ``{load_in_8bit:
+            true}`` (keys of ``transformers.BitsAndBytesConfig``, see ``QUANTIZATION_KEYS``),
+            then prepare it as PEFT's ``prepare_model_for_kbit_training``. A ``from_config``
+            base is built, kept in the run folder, and reloaded quantized. Needs
+            ``pip install 'molora[qlora]'``.
     """
 
     name_or_path: str | None = None
@@ -65,6 +83,7 @@ class ModelSection:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
+    quantization: dict | None = None
 
 
 @dataclass

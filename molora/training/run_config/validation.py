@@ -16,6 +16,7 @@ from molora.training.run_config.sections import (
     MISSING,
     MIXED_PRECISION,
     MODEL_DTYPES,
+    QUANTIZATION_KEYS,
     SECTIONS,
     TASK_TYPES,
     TOP_LEVEL_EXTRA,
@@ -167,6 +168,28 @@ def _check_model(model: ModelSection, problems: list[str]) -> None:
         )
     if model.tokenizer is None and model.name_or_path is None:
         problems.append("'model.tokenizer' is required with 'model.from_config' (a tokenizer folder, or \"byte\")")
+    if model.quantization is not None:
+        _check_quantization(model.quantization, problems)
+
+
+def _check_quantization(q: dict, problems: list[str]) -> None:
+    """``model.quantization``: known BitsAndBytesConfig keys, typed values, exactly one of 4-bit / 8-bit."""
+    for key, value in q.items():
+        allowed = QUANTIZATION_KEYS.get(key)
+        if allowed is None:
+            problems.append(f"'model.quantization.{key}' is not a known key; allowed: {sorted(QUANTIZATION_KEYS)}")
+        elif isinstance(allowed, tuple):
+            _choice(problems, f"model.quantization.{key}", value, allowed)
+        elif not _has_type(value, allowed):
+            problems.append(f"'model.quantization.{key}' must be a {allowed.__name__}, got {value!r}")
+    four, eight = q.get("load_in_4bit") is True, q.get("load_in_8bit") is True
+    if four == eight:
+        problems.append(
+            "'model.quantization' needs exactly one of load_in_4bit: true or load_in_8bit: true, got "
+            f"load_in_4bit={q.get('load_in_4bit')!r}, load_in_8bit={q.get('load_in_8bit')!r}"
+        )
+    if eight and any(k.startswith("bnb_4bit_") for k in q):
+        problems.append(f"'model.quantization' bnb_4bit_* keys need load_in_4bit: true, got {sorted(q)}")
 
 
 def _check_data(data: DataSection, model: ModelSection, problems: list[str]) -> None:
@@ -219,6 +242,14 @@ def _check_cross(model: ModelSection, molora: MoLoRAConfig, data: DataSection, p
         problems.append(
             f"'molora.task_names' must be the data.tasks names in order {list(data.tasks)} (or null), got {molora.task_names!r}"
         )
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)
 
 
 def _overridden(key: str, overridden: set[str]) -> bool:

@@ -1,0 +1,84 @@
+"""Merging into a quantized (bitsandbytes 4-bit / 8-bit, QLoRA) base: dequantize first.
+
+A 4-bit or 8-bit weight cannot take a LoRA update in place: NF4 packs two weights per byte
+and int8 rows carry their own scales, and an update the size of a LoRA step is mostly below
+the quantization step, so re-quantizing would round most of it away. ``merge_and_unload``
+therefore dequantizes the whole base (transformers' ``model.dequantize()``) and merges into
+the dequantized weights, which are exactly the weights the adapter was trained against. The
+merged model comes back unquantized, in the base model's dtype (``model.dtype``: the
+``dtype=`` it was loaded with), with the memory of a full-precision model; a warning says so.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+__all__ = ["dequantize_for_merge", "quantized_kind"]
+
+
+def quantized_kind(layer: nn.Module) -> str | None:
+    """``"4-bit"`` or ``"8-bit"`` for a bitsandbytes-quantized linear layer, else None."""
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.dtype.is_floating_point:
+        return None
+    return "4-bit" if hasattr(weight, "quant_state") or type(layer).__name__ == "Linear4bit" else "8-bit"
+
+
+def dequantize_for_merge(base_model: nn.Module, base_layers: dict[str, nn.Module]) -> None:
+    """Dequantize ``base_model`` in place when any of ``base_layers`` is quantized.
+
+    Args:
+        base_model: the transformers model under the MoLoRA layers.
+        base_layers: {MoLoRA layer name: its base layer}.
+
+    Raises:
+        ValueError: quantized base layers on a model that transformers cannot dequantize (not
+            loaded with a ``quantization_config``); the message names 4-bit / 8-bit.
+    """
+    kinds = {name: kind for name, layer in base_layers.items() if (kind := quantized_kind(layer))}
+    if not kinds:
+        return
+    kind = "/".join(sorted(set(kinds.values())))
+    if getattr(base_model, "hf_quantizer", None) is None or not hasattr(base_model, "dequantize"):
+        raise ValueError(
+            f"merge_and_unload: {len(kinds)} target layers (e.g. {next(iter(kinds))!r}) have bitsandbytes {kind} "
+            "weights, which cannot take the update in place, and the base is not a transformers model loaded "
+            "with a quantization_config, so it cannot be dequantized here. Load the base in full precision "
+            "(or bf16), rebuild the adapter on it (MoLoRAModel.from_pretrained) and merge there."
+        )
+    warnings.warn(
+        f"merge_and_unload on a {kind} (bitsandbytes) base: the base is dequantized and the merged model is "
+        f"returned unquantized in {base_model.dtype} (the dtype the base was loaded with), with the memory of a "
+        f"full-precision model. The merged weights are the dequantized {kind} weights plus the update.",
+        stacklevel=4,
+    )
+    _unpack_cpu_4bit(base_model)
+    base_model.dequantize()
+
+
+def _unpack_cpu_4bit(model: nn.Module) -> None:
+    """Undo bitsandbytes' CPU repacking of 4-bit weights before dequantizing them.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.48+) repacks a Linear4bit weight in place at its
+    first inference forward; transformers' ``dequantize()`` (5.x) reads the repacked bytes as
+    plain NF4 and returns wrong weights. bitsandbytes undoes the repacking itself before saving
+    or moving the weight, with the function used here. The block scales were rounded to bfloat16
+    by the repacking (bitsandbytes' own inference forwards use those rounded scales too).
+    """
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            nested = getattr(state, "original_nested", False)
+            weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            if not nested and state.absmax.dim() == 2:
+                # bitsandbytes 0.50 restores nested scales only: the plain ones stay (in / blocksize,
+                # out), transposed by the repacking; dequantization reads them flat in (out, in) order
+                state.absmax = state.absmax.T.reshape(-1).float()
+            weight.quant_state = state
+            if getattr(module, "quant_state", None) is not None:
+                module.quant_state = weight.quant_state
