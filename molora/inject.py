@@ -75,6 +75,8 @@ def router_kwargs(config: MoLoRAConfig, spec: LayerSpec | None = None) -> dict:
     kwargs = {"num_experts": num_experts, "init_std": config.router_init_std, "debug": config.debug}
     if config.router == "topk":
         kwargs.update(top_k=top_k, jitter_noise=config.router_jitter_noise, normalize_top_k=config.normalize_top_k)
+    elif config.router == "topp":
+        kwargs.update(top_p=config.top_p, top_k=top_k, jitter_noise=config.router_jitter_noise)
     elif config.router == "task":
         kwargs.update(num_tasks=config.num_tasks, top_k=top_k, normalize_top_k=config.normalize_top_k)
     return kwargs

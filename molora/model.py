@@ -263,7 +263,8 @@ class MoLoRAModel(nn.Module):
 
         Returns:
             {layer name: {"load": (N,) fraction of real tokens routed to each expert (sums
-            to k), "gates": (N,) mean gate weight per expert (sums to 1), "tokens": count}}.
+            to k), "gates": (N,) mean gate weight per expert (sums to 1), "tokens": count,
+            "experts_per_token": mean number of experts per real token (k; varies with top-p)}}.
         """
         out = {}
         for name, s in self._stats.items():
@@ -272,6 +273,7 @@ class MoLoRAModel(nn.Module):
                 "load": (s["load"] / tokens).cpu(),
                 "gates": (s["gates"] / tokens).cpu(),
                 "tokens": int(s["tokens"]),
+                "experts_per_token": float(s["load"].sum() / tokens),
             }
         return out
 

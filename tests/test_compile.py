@@ -20,6 +20,8 @@ ROUTERS = {
     "topk2": dict(router="topk", top_k=2),
     "task": dict(router="task", num_tasks=3),
     "task_topk": dict(router="task", num_tasks=3, top_k=2),
+    "topp": dict(router="topp", top_p=0.5),
+    "topp_cap": dict(router="topp", top_p=0.7, top_k=2),
 }
 # A cross that runs every router and every path (explain costs ~3 s per model); "auto" runs
 # with one thread and enough tokens that it picks a sparse path (grouped) rather than dense.
@@ -31,6 +33,9 @@ CROSS = [
     ("topk2", "auto"),
     ("task", "hybrid"),
     ("task_topk", "grouped"),
+    ("topp", "grouped"),
+    ("topp", "dense"),
+    ("topp_cap", "hybrid"),
 ]
 
 

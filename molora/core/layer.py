@@ -16,7 +16,7 @@ from molora.core.config import lora_scaling
 from molora.core.experts import resolve_impl
 from molora.core.routing import RoutingContext
 from molora.core.shared import shared_experts
-from routers import RouterOutput
+from routers import RouterOutput, fill_padding
 
 try:  # transformers' Conv1D (GPT-2 family); optional so the layer also works on plain torch models
     from transformers.pytorch_utils import Conv1D
@@ -158,15 +158,12 @@ class MoLoRALinear(nn.Module):
         routing = self.router(tokens, self.token_task_ids(x))
         self.last_routing = routing
         compute_dtype = _compute_dtype(tokens)
-        expert_fn = resolve_impl(self.expert_impl, sparse=routing.indices is not None)
+        indices = routing.indices  # (T, k); top-p's -1 slots become unused experts with gate 0
+        indices = fill_padding(indices, self.num_experts) if routing.padded else indices
+        expert_fn = resolve_impl(self.expert_impl, sparse=indices is not None)
         dropped = self.lora_dropout(tokens).to(compute_dtype)  # (T, in)
         delta = expert_fn(
-            dropped,
-            self.lora_A.to(compute_dtype),
-            self.lora_B.to(compute_dtype),
-            routing.weights,
-            routing.indices,
-            self.scaling,
+            dropped, self.lora_A.to(compute_dtype), self.lora_B.to(compute_dtype), routing.weights, indices, self.scaling
         )  # (T, out)
         if self.num_shared_experts:
             shared_A, shared_B = self.lora_A_shared.to(compute_dtype), self.lora_B_shared.to(compute_dtype)
