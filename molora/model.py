@@ -227,8 +227,10 @@ class MoLoRAModel(nn.Module):
         return mask[:, -(num_tokens // batch) :].reshape(-1)
 
     def _routings(self):
+        """(name, last routing) of each router: a block's shared router (router_sharing="block")
+        counts once, under its first layer, in the losses and the statistics."""
         for name, layer in self.molora_layers().items():
-            if layer.last_routing is not None:
+            if layer.last_routing is not None and layer.owns_router:
                 yield name, layer.last_routing
 
     def aux_loss(self) -> torch.Tensor:

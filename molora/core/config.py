@@ -14,6 +14,7 @@ from molora.core.experts import EXPERT_IMPLS
 from molora.core.patterns import LayerSpec, check_patterns, layer_specs
 from routers import ROUTERS
 
+ROUTER_SHARING = ("layer", "block")
 ADAPTER_DTYPES = ("base", "bfloat16", "float16", "float32")
 # Names a task may not take: "all" selects every task; the rest are files of an export folder.
 RESERVED_TASK_NAMES = frozenset({"all", "merge_report.json", "adapter_config.json", "adapter_model.safetensors"})
@@ -37,6 +38,12 @@ class MoLoRAConfig:
         top_k: experts per token. "topk": default 2; "task": default None (all experts);
             "topp": an optional cap (default None: up to N); "soft": must stay None.
         top_p: probability mass of router="topp", in (0, 1]; only for that router.
+        router_sharing: "layer" (default): a router per targeted layer. "block" (MixLoRA): one
+            router per parent module (e.g. ``self_attn``, ``mlp``); its first targeted layer
+            routes in each forward and the others reuse that routing (q/k/v read the same
+            input: the logits are computed once; ``down_proj`` reuses the routing of the
+            ``mlp``'s input). Its parameters are saved once, under the first layer's name.
+            The layers of a block must have the same N and top_k.
         normalize_top_k: renormalize the chosen top-k gates to sum to 1. ``None`` (default):
             yes for k >= 2, no for k == 1, where the gate is the raw probability (Switch
             Transformer; a renormalized single gate is always 1 and gives the router no gradient).
@@ -86,6 +93,7 @@ class MoLoRAConfig:
     router: str = "topk"
     top_k: int | None = None
     top_p: float | None = None
+    router_sharing: str = "layer"
     normalize_top_k: bool | None = None
     num_tasks: int | None = None
     use_rslora: bool = False
@@ -246,6 +254,8 @@ def _check_routing(c: MoLoRAConfig) -> list[str]:
     if c.router == "soft" and c.top_k is not None:
         errors.append(f"`top_k` must be None for router='soft' (it uses all experts), got {c.top_k!r}; use router='topk'")
     errors += _check_top_p(c)
+    if c.router_sharing not in ROUTER_SHARING:
+        errors.append(f"`router_sharing` must be one of {list(ROUTER_SHARING)}, got {c.router_sharing!r}")
     if c.normalize_top_k is not None and not isinstance(c.normalize_top_k, bool):
         errors.append(f"`normalize_top_k` must be None, True or False, got {c.normalize_top_k!r}")
     if c.expert_impl not in EXPERT_IMPLS:
