@@ -41,7 +41,13 @@ def make_layer(kind: str, impl: str, share_lora_A: bool, seed: int) -> MoLoRALin
     top_p, top_k = KINDS[kind]
     router = TopPRouter(IN, num_experts=N, top_p=top_p, top_k=top_k, init_std=0.5)
     layer = MoLoRALinear(
-        nn.Linear(IN, OUT), num_experts=N, r=R, lora_alpha=2.0, router=router, expert_impl=impl, share_lora_A=share_lora_A
+        nn.Linear(IN, OUT),
+        num_experts=N,
+        r=R,
+        lora_alpha=2.0,
+        router=router,
+        expert_impl=impl,
+        share_lora_A=share_lora_A,
     )
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.3)
