@@ -70,9 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", "-r", type=int, default=16)
     parser.add_argument("--top-k", "-k", type=int, default=2)
     parser.add_argument("--num-tasks", type=int, default=4)
-    parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS + tuple(FORMS)}"
-    )
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS + tuple(FORMS)}")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -297,7 +295,9 @@ def build_variants(args, device, dtype) -> tuple[list[TrainVariant], dict]:
     }
     for form, (router, extra) in FORMS.items():
         label = f"molora {form.removeprefix('molora_')} ({router}{'' if router == 'topp' else args.top_k} of {args.experts})"
-        builders[form] = lambda m, router=router, extra=extra, label=label: _molora(m, args, batch, router, label, **extra)
+        builders[form] = lambda m, router=router, extra=extra, label=label: _molora(
+            m, args, batch, router, label, **extra
+        )
     return [builders[name](copy.deepcopy(base)) for name in wanted], batch
 
 
