@@ -193,3 +193,19 @@ def test_config_errors_name_router_sharing():
         MoLoRAConfig(router_sharing="model")
     with pytest.raises(ValueError, match="router_sharing='block'.*share one router"):
         _llama(num_experts_pattern={"k_proj": 2})
+
+
+@pytest.mark.parametrize("kind", ["top2", "topp"])
+def test_block_router_triton_matches_eager_reference(kind):
+    try:
+        from triton.language import standard
+    except ImportError:
+        pytest.skip("triton is not installed")
+    if type(standard.sum).__name__ != "InterpretedFunction":
+        pytest.skip("triton's CPU interpreter is not active in this process")
+    import importlib
+
+    kernels = importlib.import_module("molora.core.kernels.triton_kernels")
+    if not kernels.INTERPRETED:
+        importlib.reload(kernels)
+    check(kind, "triton", 7, torch.float32, 1e-4)
