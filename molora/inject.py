@@ -10,7 +10,7 @@ from torch import nn
 from molora.core.config import MoLoRAConfig
 from molora.core.layer import Conv1D, MoLoRALinear, linear_shape
 from molora.core.patterns import LayerSpec
-from molora.core.routing import RoutingContext
+from molora.core.routing import BlockRouting, RoutingContext
 from routers import build_router
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -75,6 +75,8 @@ def router_kwargs(config: MoLoRAConfig, spec: LayerSpec | None = None) -> dict:
     kwargs = {"num_experts": num_experts, "init_std": config.router_init_std, "debug": config.debug}
     if config.router == "topk":
         kwargs.update(top_k=top_k, jitter_noise=config.router_jitter_noise, normalize_top_k=config.normalize_top_k)
+    elif config.router == "topp":
+        kwargs.update(top_p=config.top_p, top_k=top_k, jitter_noise=config.router_jitter_noise)
     elif config.router == "task":
         kwargs.update(num_tasks=config.num_tasks, top_k=top_k, normalize_top_k=config.normalize_top_k)
     return kwargs
@@ -108,12 +110,19 @@ def inject_molora(
     for param in model.parameters():
         param.requires_grad_(False)
     layers: dict[str, MoLoRALinear] = {}
+    blocks = router_blocks(names, specs) if config.router_sharing == "block" else {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base_layer = getattr(parent, child)
         in_features, _, _ = linear_shape(base_layer)
         spec = specs[name]
+        block = blocks.get(parent_name)
+        owner = layers.get(block.owner) if block is not None else None
+        if owner is not None:
+            router = owner.router
+        else:
+            router = build_router(config.router, in_features, **router_kwargs(config, spec))
         layer = MoLoRALinear(
             base_layer,
             num_experts=spec.num_experts,
@@ -122,11 +131,13 @@ def inject_molora(
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             expert_impl=config.expert_impl,
-            router=build_router(config.router, in_features, **router_kwargs(config, spec)),
+            router=router,
             adapter_dtype=_adapter_dtype(config, base_layer),
             routing_context=routing_context,
             share_lora_A=config.share_lora_A,
             num_shared_experts=config.num_shared_experts,
+            routing_block=block,
+            owns_router=owner is None,
         )
         setattr(parent, child, layer)
         layers[name] = layer
@@ -134,6 +145,27 @@ def inject_molora(
         for param in model.get_submodule(name).parameters():
             param.requires_grad_(True)
     return layers, to_save
+
+
+def router_blocks(names: list[str], specs: dict[str, LayerSpec]) -> dict[str, BlockRouting]:
+    """``router_sharing="block"``: {parent module name: its BlockRouting}, owned by the parent's
+    first targeted layer (model order).
+
+    Raises:
+        ValueError: the layers of a block differ in N or top_k (one router routes them all).
+    """
+    blocks: dict[str, BlockRouting] = {}
+    for name in names:
+        parent = name.rpartition(".")[0]
+        block = blocks.setdefault(parent, BlockRouting(name))
+        first, spec = specs[block.owner], specs[name]
+        if (spec.num_experts, spec.top_k) != (first.num_experts, first.top_k):
+            raise ValueError(
+                f"router_sharing='block': {name!r} and {block.owner!r} share one router but have "
+                f"num_experts/top_k {spec.num_experts}/{spec.top_k} and {first.num_experts}/{first.top_k}; "
+                "give the layers of a block the same patterns or use router_sharing='layer'"
+            )
+    return blocks
 
 
 def unload_molora(model: nn.Module) -> nn.Module:

@@ -9,7 +9,8 @@ A saved adapter is a folder with
 - ``molora_model.safetensors``: ``{name}.lora_A`` (N, r, in) ((1, r, in) with share_lora_A),
   ``{name}.lora_B`` (N, out, r), ``{name}.lora_A_shared`` (M, r, in) and
   ``{name}.lora_B_shared`` (M, out, r) when the layer has M > 0 shared experts,
-  ``{name}.router.<param>`` for every MoLoRA layer, and the parameters of modules_to_save
+  ``{name}.router.<param>`` for every MoLoRA layer that owns its router (with
+  ``router_sharing="block"`` only the first targeted layer of each block), and the parameters of modules_to_save
   under their qualified names.
 
 Loading checks the base model (module names, shapes) and the tensor file (keys, shapes)
@@ -54,8 +55,9 @@ def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
         if getattr(layer, "num_shared_experts", 0):
             state[f"{name}.lora_A_shared"] = layer.lora_A_shared
             state[f"{name}.lora_B_shared"] = layer.lora_B_shared
-        for pname, param in layer.router.named_parameters():
-            state[f"{name}.router.{pname}"] = param
+        if getattr(layer, "owns_router", True):  # router_sharing="block": saved once, by the block's first layer
+            for pname, param in layer.router.named_parameters():
+                state[f"{name}.router.{pname}"] = param
     for name in model.modules_to_save:
         for pname, param in model.base_model.get_submodule(name).named_parameters():
             state[f"{name}.{pname}"] = param

@@ -227,8 +227,10 @@ class MoLoRAModel(nn.Module):
         return mask[:, -(num_tokens // batch) :].reshape(-1)
 
     def _routings(self):
+        """(name, last routing) of each router: a block's shared router (router_sharing="block")
+        counts once, under its first layer, in the losses and the statistics."""
         for name, layer in self.molora_layers().items():
-            if layer.last_routing is not None:
+            if layer.last_routing is not None and layer.owns_router:
                 yield name, layer.last_routing
 
     def aux_loss(self) -> torch.Tensor:
@@ -263,7 +265,8 @@ class MoLoRAModel(nn.Module):
 
         Returns:
             {layer name: {"load": (N,) fraction of real tokens routed to each expert (sums
-            to k), "gates": (N,) mean gate weight per expert (sums to 1), "tokens": count}}.
+            to k), "gates": (N,) mean gate weight per expert (sums to 1), "tokens": count,
+            "experts_per_token": mean number of experts per real token (k; varies with top-p)}}.
         """
         out = {}
         for name, s in self._stats.items():
@@ -272,6 +275,7 @@ class MoLoRAModel(nn.Module):
                 "load": (s["load"] / tokens).cpu(),
                 "gates": (s["gates"] / tokens).cpu(),
                 "tokens": int(s["tokens"]),
+                "experts_per_token": float(s["load"].sum() / tokens),
             }
         return out
 

@@ -81,7 +81,12 @@ def routing_report(stats: Mapping[str, Mapping[str, torch.Tensor]], task_names: 
 
 def _norm(load: torch.Tensor, gates: torch.Tensor, tokens: float) -> dict[str, Any]:
     scale = 1.0 / max(tokens, 1.0)
-    return {"load": (load * scale).cpu().tolist(), "gates": (gates * scale).cpu().tolist(), "tokens": int(tokens)}
+    return {
+        "load": (load * scale).cpu().tolist(),
+        "gates": (gates * scale).cpu().tolist(),
+        "tokens": int(tokens),
+        "experts_per_token": float(load.sum()) * scale,
+    }
 
 
 def format_routing(report: Mapping[str, Any]) -> str:
@@ -92,13 +97,14 @@ def format_routing(report: Mapping[str, Any]) -> str:
     width = max(len(layer) for layer in report)
     tasks = sorted({t for entry in report.values() for t in entry["tasks"]})
     tw = max([4] + [len(t) for t in tasks])
-    head = f"{'layer':<{width}}  {'task':<{tw}}  " + " ".join(f"{'e' + str(i):>6}" for i in range(n)) + "  tokens"
+    head = f"{'layer':<{width}}  {'task':<{tw}}  " + " ".join(f"{'e' + str(i):>6}" for i in range(n)) + "  tokens  k/tok"
     lines = [head, "-" * len(head)]
     for layer, entry in report.items():
         for i, (task, row) in enumerate([("all", entry["all"]), *entry["tasks"].items()]):
             cells = " ".join(f"{100 * v:>5.1f}%" for v in row["load"])
-            lines.append(f"{layer if i == 0 else '':<{width}}  {task:<{tw}}  {cells}  {row['tokens']}")
-    lines.append("(load: % of the real tokens routed to each expert; sums to top_k x 100%)")
+            k_mean = row.get("experts_per_token", sum(row["load"]))
+            lines.append(f"{layer if i == 0 else '':<{width}}  {task:<{tw}}  {cells}  {row['tokens']:>6}  {k_mean:5.2f}")
+    lines.append("(load: % of the real tokens routed to each expert, sums to k x 100%; k/tok: mean experts per token)")
     return "\n".join(lines)
 
 

@@ -21,11 +21,15 @@ class RouterOutput:
         logits: (T, N) float32 router logits.
         weights: (T, N) float32 dense combine weights G: zeros outside the chosen experts.
         indices: (T, k) int64 chosen experts for sparse routing, ``None`` for dense routing.
+            With ``padded`` (top-p routing) a token may use fewer than k experts: the unused
+            slots hold -1 (static shape; :func:`fill_padding` makes them dispatchable).
+        padded: whether ``indices`` may hold -1 slots (a static fact of the router, no sync).
     """
 
     logits: torch.Tensor
     weights: torch.Tensor
     indices: torch.Tensor | None = None
+    padded: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -101,6 +105,50 @@ def route_topk(logits: torch.Tensor, top_k: int | None, normalize: bool | None =
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
     weights = torch.zeros_like(probs).scatter(-1, indices, top_p)  # (T, N)
     return RouterOutput(logits=logits, weights=weights, indices=indices)
+
+
+def route_topp(logits: torch.Tensor, top_p: float, top_k: int | None = None) -> RouterOutput:
+    """Top-p routing: the fewest experts, in order of probability, whose probabilities sum to
+    >= ``top_p`` (at least 1, at most ``top_k`` when given), gated by their raw probabilities.
+
+    Expert j of a token's sorted list is kept while the mass before it is < top_p, so the
+    first is always kept. Shapes are static: indices is (T, k_max), k_max = ``top_k`` or N,
+    with -1 in the slots a token does not use.
+
+    Args:
+        logits: (T, N) float32 logits.
+        top_p: in (0, 1].
+        top_k: cap on the experts per token, or ``None`` (k_max = N).
+
+    Returns:
+        RouterOutput with (T, N) weights (raw probabilities on S_t, 0 elsewhere), (T, k_max)
+        indices padded with -1, and ``padded=True``.
+    """
+    num_experts = logits.shape[-1]
+    probs = torch.softmax(logits, dim=-1)  # (T, N)
+    k_max = num_experts if top_k is None else min(top_k, num_experts)
+    sorted_p, order = probs.topk(k_max, dim=-1)  # (T, k_max), descending
+    before = sorted_p.detach().cumsum(-1) - sorted_p.detach()  # (T, k_max) mass before each slot
+    keep = (before < top_p).to(sorted_p.dtype)  # (T, k_max), slot 0 always kept
+    weights = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)  # (T, N)
+    indices = torch.where(keep > 0, order, torch.full_like(order, -1))  # (T, k_max)
+    return RouterOutput(logits=logits, weights=weights, indices=indices, padded=True)
+
+
+def fill_padding(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(T, k) indices with -1 slots -> (T, k) valid indices, each -1 replaced by an expert the
+    token does not use (distinct from its real ones and from each other).
+
+    The combine weights are 0 at those experts, so the filled pairs add nothing and pass no
+    gradient; being distinct, no (token, expert) pair is counted twice (a hybrid path's
+    per-pair slots stay unique). Static shapes, no host-device sync: an argsort of (T, N).
+    """
+    valid = indices >= 0  # (T, k)
+    used = torch.zeros(indices.shape[0], num_experts, dtype=torch.long, device=indices.device)
+    used = used.scatter_add(1, indices.clamp(min=0), valid.long())  # (T, N), 1 on the real experts
+    free = torch.argsort(used, dim=1, stable=True)  # (T, N): the unused experts first
+    pad_rank = (~valid).long().cumsum(1) - 1  # (T, k): which unused expert each -1 slot takes
+    return torch.where(valid, indices, free.gather(1, pad_rank.clamp(min=0)))
 
 
 def check_normalize(normalize: bool | None) -> None:

@@ -7,8 +7,9 @@ from torch import nn
 from routers.soft import SoftRouter
 from routers.task import TaskRouter
 from routers.topk import TopKRouter
+from routers.topp import TopPRouter
 
-ROUTERS: dict[str, type[nn.Module]] = {"soft": SoftRouter, "topk": TopKRouter, "task": TaskRouter}
+ROUTERS: dict[str, type[nn.Module]] = {"soft": SoftRouter, "topk": TopKRouter, "topp": TopPRouter, "task": TaskRouter}
 
 
 def build_router(name: str, in_features: int, **kwargs) -> nn.Module:

@@ -20,6 +20,10 @@ ROUTERS = {
     "topk2": dict(router="topk", top_k=2),
     "task": dict(router="task", num_tasks=3),
     "task_topk": dict(router="task", num_tasks=3, top_k=2),
+    "topp": dict(router="topp", top_p=0.5),
+    "topp_cap": dict(router="topp", top_p=0.7, top_k=2),
+    "topk2_block": dict(router="topk", top_k=2, router_sharing="block"),
+    "task_block": dict(router="task", num_tasks=3, router_sharing="block"),
 }
 # A cross that runs every router and every path (explain costs ~3 s per model); "auto" runs
 # with one thread and enough tokens that it picks a sparse path (grouped) rather than dense.
@@ -31,6 +35,11 @@ CROSS = [
     ("topk2", "auto"),
     ("task", "hybrid"),
     ("task_topk", "grouped"),
+    ("topp", "grouped"),
+    ("topp", "dense"),
+    ("topp_cap", "hybrid"),
+    ("topk2_block", "grouped"),
+    ("task_block", "dense"),
 ]
 
 

@@ -22,7 +22,7 @@ def test_defaults_and_json_round_trip(tmp_path):
         ({"num_experts": 0}, r"`num_experts` must be an int >= 1, got 0"),
         ({"r": 2.5}, r"`r` must be an int >= 1, got 2.5"),
         ({"lora_dropout": 1.0}, r"`lora_dropout` must be in \[0, 1\), got 1.0"),
-        ({"router": "hash"}, r"`router` must be one of \['soft', 'task', 'topk'\], got 'hash'"),
+        ({"router": "hash"}, r"`router` must be one of \['soft', 'task', 'topk', 'topp'\], got 'hash'"),
         ({"router": "task"}, r"`num_tasks` must be an int >= 1 for router='task', got None"),
         ({"router": "soft", "top_k": 2}, r"`top_k` must be None for router='soft'"),
         ({"expert_impl": "cuda"}, r"`expert_impl` must be one of \[.*'grouped'.*\], got 'cuda'"),

@@ -86,9 +86,9 @@ def test_debug_mode_raises_on_nan_logits():
 
 
 def test_registry_and_errors():
-    assert sorted(ROUTERS) == ["soft", "task", "topk"]
+    assert sorted(ROUTERS) == ["soft", "task", "topk", "topp"]
     assert isinstance(build_router("topk", 8, num_experts=4, top_k=1), TopKRouter)
-    with pytest.raises(ValueError, match=r"unknown router 'nope'; choose one of \['soft', 'task', 'topk'\]"):
+    with pytest.raises(ValueError, match=r"unknown router 'nope'; choose one of \['soft', 'task', 'topk', 'topp'\]"):
         build_router("nope", 8, num_experts=4)
     with pytest.raises(ValueError, match=r"`top_k` must be in \[1, num_experts=4\], got 5"):
         TopKRouter(8, num_experts=4, top_k=5)

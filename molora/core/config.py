@@ -14,6 +14,7 @@ from molora.core.experts import EXPERT_IMPLS
 from molora.core.patterns import LayerSpec, check_patterns, layer_specs
 from routers import ROUTERS
 
+ROUTER_SHARING = ("layer", "block")
 ADAPTER_DTYPES = ("base", "bfloat16", "float16", "float32")
 # Names a task may not take: "all" selects every task; the rest are files of an export folder.
 RESERVED_TASK_NAMES = frozenset({"all", "merge_report.json", "adapter_config.json", "adapter_model.safetensors"})
@@ -32,9 +33,17 @@ class MoLoRAConfig:
         lora_alpha: scaling numerator: s = lora_alpha / r (or / sqrt(r) with rsLoRA).
         lora_dropout: dropout on the experts' input (the router sees the clean input).
         router: "soft" (softmax over all experts), "topk" (top-k of the softmax,
-            renormalized), or "task" (a learned per-task table of logits).
+            renormalized), "topp" (the fewest experts whose probabilities sum to >= ``top_p``,
+            raw probabilities as gates; MixLoRA) or "task" (a learned per-task table of logits).
         top_k: experts per token. "topk": default 2; "task": default None (all experts);
-            "soft": must stay None.
+            "topp": an optional cap (default None: up to N); "soft": must stay None.
+        top_p: probability mass of router="topp", in (0, 1]; only for that router.
+        router_sharing: "layer" (default): a router per targeted layer. "block" (MixLoRA): one
+            router per parent module (e.g. ``self_attn``, ``mlp``); its first targeted layer
+            routes in each forward and the others reuse that routing (q/k/v read the same
+            input: the logits are computed once; ``down_proj`` reuses the routing of the
+            ``mlp``'s input). Its parameters are saved once, under the first layer's name.
+            The layers of a block must have the same N and top_k.
         normalize_top_k: renormalize the chosen top-k gates to sum to 1. ``None`` (default):
             yes for k >= 2, no for k == 1, where the gate is the raw probability (Switch
             Transformer; a renormalized single gate is always 1 and gives the router no gradient).
@@ -84,6 +93,8 @@ class MoLoRAConfig:
     lora_dropout: float = 0.0
     router: str = "topk"
     top_k: int | None = None
+    top_p: float | None = None
+    router_sharing: str = "layer"
     normalize_top_k: bool | None = None
     num_tasks: int | None = None
     use_rslora: bool = False
@@ -245,6 +256,9 @@ def _check_routing(c: MoLoRAConfig) -> list[str]:
         errors.append(
             f"`top_k` must be None for router='soft' (it uses all experts), got {c.top_k!r}; use router='topk'"
         )
+    errors += _check_top_p(c)
+    if c.router_sharing not in ROUTER_SHARING:
+        errors.append(f"`router_sharing` must be one of {list(ROUTER_SHARING)}, got {c.router_sharing!r}")
     if c.normalize_top_k is not None and not isinstance(c.normalize_top_k, bool):
         errors.append(f"`normalize_top_k` must be None, True or False, got {c.normalize_top_k!r}")
     if c.expert_impl not in EXPERT_IMPLS:
@@ -252,6 +266,14 @@ def _check_routing(c: MoLoRAConfig) -> list[str]:
     if c.adapter_dtype not in ADAPTER_DTYPES:
         errors.append(f"`adapter_dtype` must be one of {list(ADAPTER_DTYPES)}, got {c.adapter_dtype!r}")
     return errors
+
+
+def _check_top_p(c: MoLoRAConfig) -> list[str]:
+    if c.router != "topp":
+        return [] if c.top_p is None else [f"`top_p` is only used by router='topp', got top_p={c.top_p!r}"]
+    if not (_is_num(c.top_p) and 0 < c.top_p <= 1):
+        return [f"`top_p` must be in (0, 1] for router='topp', got {c.top_p!r}"]
+    return []
 
 
 def _check_tasks(c: MoLoRAConfig) -> list[str]:

@@ -14,9 +14,9 @@ from torch import nn
 
 from molora.core.config import lora_scaling
 from molora.core.experts import resolve_impl
-from molora.core.routing import RoutingContext
+from molora.core.routing import BlockRouting, RoutingContext
 from molora.core.shared import shared_experts
-from routers import RouterOutput
+from routers import RouterOutput, fill_padding
 
 try:  # transformers' Conv1D (GPT-2 family); optional so the layer also works on plain torch models
     from transformers.pytorch_utils import Conv1D
@@ -64,6 +64,11 @@ class MoLoRALinear(nn.Module):
         routing_context: shared per-model routing inputs (task ids); a private one if None.
         share_lora_A: one A (1, r, in) for all experts; h = A x is computed once per token.
         num_shared_experts: M always-on experts added as s * sum_j B_j A_j x.
+        routing_block: with ``router_sharing="block"``, the routing shared by the targeted
+            layers of one parent module; None: this layer routes alone.
+        owns_router: whether this layer routes (and registers ``router`` as its submodule); a
+            block's other layers keep a plain reference to the owner's router and reuse the
+            routing the owner stored in ``routing_block`` during the same forward.
     """
 
     def __init__(
@@ -81,8 +86,12 @@ class MoLoRALinear(nn.Module):
         routing_context: RoutingContext | None = None,
         share_lora_A: bool = False,
         num_shared_experts: int = 0,
+        routing_block: BlockRouting | None = None,
+        owns_router: bool = True,
     ):
         super().__init__()
+        if not owns_router and routing_block is None:
+            raise ValueError("a layer that does not own its router needs the `routing_block` it reads")
         in_features, out_features, fan_in_fan_out = linear_shape(base_layer)
         if r < 1 or num_experts < 1 or num_shared_experts < 0:
             raise ValueError(
@@ -97,7 +106,11 @@ class MoLoRALinear(nn.Module):
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
         self.scaling = lora_scaling(lora_alpha, r, use_rslora)
-        self.router = router
+        self.owns_router, self.routing_block = owns_router, routing_block
+        if owns_router:
+            self.router = router
+        else:  # the owner's router, not registered here: its parameters are saved and trained once
+            self.__dict__["router"] = router
         self.expert_impl = expert_impl
         resolve_impl(expert_impl, sparse=True)  # fail fast on a bad name
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -155,23 +168,36 @@ class MoLoRALinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.in_features)  # (T, in)
-        routing = self.router(tokens, self.token_task_ids(x))
+        routing = self._route(tokens, x)
         self.last_routing = routing
         compute_dtype = _compute_dtype(tokens)
-        expert_fn = resolve_impl(self.expert_impl, sparse=routing.indices is not None)
+        indices = routing.indices  # (T, k); top-p's -1 slots become unused experts with gate 0
+        indices = fill_padding(indices, self.num_experts) if routing.padded else indices
+        expert_fn = resolve_impl(self.expert_impl, sparse=indices is not None)
         dropped = self.lora_dropout(tokens).to(compute_dtype)  # (T, in)
         delta = expert_fn(
-            dropped,
-            self.lora_A.to(compute_dtype),
-            self.lora_B.to(compute_dtype),
-            routing.weights,
-            routing.indices,
-            self.scaling,
+            dropped, self.lora_A.to(compute_dtype), self.lora_B.to(compute_dtype), routing.weights, indices, self.scaling
         )  # (T, out)
         if self.num_shared_experts:
             shared_A, shared_B = self.lora_A_shared.to(compute_dtype), self.lora_B_shared.to(compute_dtype)
             delta = delta + shared_experts(dropped, shared_A, shared_B, self.scaling)  # (T, out)
         return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
+
+    def _route(self, tokens: torch.Tensor, x: torch.Tensor) -> RouterOutput:
+        """This layer's routing: its router's, or (block sharing) the owner's of this forward."""
+        if self.owns_router:
+            routing = self.router(tokens, self.token_task_ids(x))
+            if self.routing_block is not None:
+                self.routing_block.routing = routing
+            return routing
+        routing = self.routing_block.routing
+        if routing is None or routing.num_tokens != tokens.shape[0]:
+            raise RuntimeError(
+                f"router_sharing='block': this layer reuses the routing of {self.routing_block.owner!r}, which "
+                f"has not run on these {tokens.shape[0]} tokens first; the block's first targeted layer must run "
+                "before the others in each forward (use router_sharing='layer' for this model)"
+            )
+        return routing
 
     def structure(self) -> dict:
         """This layer's expert structure: {"num_experts", "r", "top_k", "lora_alpha", "scaling",

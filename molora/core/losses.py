@@ -1,9 +1,10 @@
 """Router losses as pure functions of router outputs (DESIGN §5).
 
 For one layer, over the non-padding tokens t = 1..T, with p_t = softmax(logits_t) and S_t the
-chosen experts (for dense routing S_t = {argmax p_t}, k = 1):
+chosen experts (for dense routing S_t = {argmax p_t}; |S_t| = k for top-k, varying for top-p,
+whose -1 padding slots are not in S_t):
 
-    f_i = (1 / (T k)) * #{t : i in S_t}        P_i = (1 / T) * sum_t p_{t,i}
+    f_i = #{t : i in S_t} / sum_t |S_t|        P_i = (1 / T) * sum_t p_{t,i}
     L_balance = N * sum_i f_i * P_i            (Switch Transformer, Fedus et al. 2021, eq. 4)
     L_z       = (1 / T) * sum_t (logsumexp_i logits_{t,i})^2   (ST-MoE, Zoph et al. 2022, eq. 5)
 
@@ -37,7 +38,8 @@ def load_balancing_loss(
 
     Args:
         logits: (T, N) router logits.
-        indices: (T, k) chosen experts, or None for dense routing (then S_t = argmax).
+        indices: (T, k) chosen experts, -1 in unused (top-p padding) slots, or None for dense
+            routing (then S_t = argmax).
         mask: (T,) 1 for real tokens, 0 for padding; None counts every token.
 
     Returns:
@@ -48,12 +50,10 @@ def load_balancing_loss(
     real = _token_weights(logits, mask)  # (T,)
     num_real = real.sum().clamp(min=1)  # T (0 real tokens: every sum below is 0, and so is the loss)
     chosen = logits.argmax(-1, keepdim=True) if indices is None else indices.to(logits.device)  # (T, k)
-    top_k = chosen.shape[-1]
+    in_set = (chosen >= 0).float() * real[:, None]  # (T, k): 1 for a real token's real slot
     # counts by scatter_add into a fixed (N,) buffer: static shape, no sync (not bincount)
-    counts = logits.new_zeros(num_experts).scatter_add_(
-        0, chosen.reshape(-1), real[:, None].expand(-1, top_k).reshape(-1)
-    )  # (N,)
-    fraction = counts / (num_real * top_k)  # f_i, no gradient
+    counts = logits.new_zeros(num_experts).scatter_add_(0, chosen.clamp(min=0).reshape(-1), in_set.reshape(-1))  # (N,)
+    fraction = counts / in_set.sum().clamp(min=1)  # f_i = #{t : i in S_t} / sum_t |S_t|, no gradient
     probs = torch.softmax(logits, dim=-1) * real[:, None]  # (T, N), zero on padding
     mean_prob = probs.sum(0) / num_real  # P_i
     return num_experts * (fraction * mean_prob).sum()

@@ -48,6 +48,27 @@ class RoutingContext:
             self.task_ids = previous
 
 
+class BlockRouting:
+    """The routing one router computes for all the targeted layers of a parent module
+    (``router_sharing="block"``, MixLoRA form).
+
+    The first targeted layer of the block (its owner) routes in each forward and stores the
+    RouterOutput here; the block's other layers read it. Gradient checkpointing recomputes a
+    block in the same order, so a recomputation reads the routing of its own recomputed owner.
+
+    Attributes:
+        owner: qualified name of the layer that routes.
+        routing: the RouterOutput of the owner's latest forward (None before the first).
+    """
+
+    def __init__(self, owner: str):
+        self.owner = owner
+        self.routing = None
+
+    def __repr__(self) -> str:
+        return f"BlockRouting(owner={self.owner!r})"
+
+
 def validate_task_ids(
     task_ids: Any,
     *,

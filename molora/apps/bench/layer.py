@@ -34,9 +34,15 @@ from molora.apps.bench.report import (
 )
 from molora.core.experts import EXPERT_IMPLS
 from molora.core.layer import MoLoRALinear
-from routers import SoftRouter, TaskRouter, TopKRouter
+from routers import SoftRouter, TaskRouter, TopKRouter, TopPRouter
 
 ROUTER_KINDS = ("topk", "soft", "task", "task_topk")
+# Expert structures and routers of issue 10: (router kind, MoLoRALinear keyword arguments).
+FORMS = {
+    "hydra": ("topk", {"share_lora_A": True}),
+    "shared1": ("topk", {"num_shared_experts": 1}),
+    "topp": ("topp", {}),
+}
 MOLORA_IMPLS = ("auto", "dense", "grouped", "grouped_bmm", "hybrid", "eager")
 BASES = ("dense", "nf4", "int8")
 _CPU_DEFAULTS = {"tokens": 2048, "dim": 1024, "dtype": "float32"}
@@ -64,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-tasks", type=int, default=4)
     parser.add_argument("--routers", default="topk,soft,task", help=f"comma list of {ROUTER_KINDS}")
     parser.add_argument("--impls", default=",".join(MOLORA_IMPLS), help="comma list of molora expert paths")
+    parser.add_argument("--forms", default="", help=f"comma list of {tuple(FORMS)} (top-p: p = --top-p)")
+    parser.add_argument("--top-p", type=float, default=0.5, help="p of the top-p form")
+    parser.add_argument("--form-impls", default="auto", help="comma list of molora expert paths for --forms")
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT LoRA rows")
     parser.add_argument(
         "--base",
@@ -145,7 +154,9 @@ def _peft_lora(base: nn.Linear, rank: int, device, dtype) -> Variant:
     return Variant(f"peft_lora r={rank}", module, trainable, [base.weight])
 
 
-def _router(kind: str, in_features: int, num_experts: int, top_k: int, num_tasks: int) -> nn.Module:
+def _router(kind: str, in_features: int, num_experts: int, top_k: int, num_tasks: int, top_p=0.5) -> nn.Module:
+    if kind == "topp":
+        return TopPRouter(in_features, num_experts=num_experts, top_p=top_p)
     if kind == "topk":
         return TopKRouter(in_features, num_experts=num_experts, top_k=top_k)
     if kind == "soft":
@@ -157,7 +168,7 @@ def _router(kind: str, in_features: int, num_experts: int, top_k: int, num_tasks
     raise ValueError(f"unknown router kind {kind!r}; choose from {list(ROUTER_KINDS)}")
 
 
-def _router_label(kind: str, top_k: int, num_experts: int) -> str:
+def _router_label(kind: str, top_k: int, num_experts: int) -> str:  # the --routers rows
     return {"topk": f"top{top_k}", "soft": f"soft{num_experts}", "task": "task", "task_topk": f"task-top{top_k}"}[kind]
 
 
@@ -180,26 +191,46 @@ def build_variants(args: argparse.Namespace, device, dtype, in_features: int, ou
     if not args.no_peft:
         variants.append(_peft_lora(base_copy(), args.rank, device, dtype))
         variants.append(_peft_lora(base_copy(), args.top_k * args.rank, device, dtype))
-    for kind in [k.strip() for k in args.routers.split(",") if k.strip()]:
-        for impl in [i.strip() for i in args.impls.split(",") if i.strip()]:
-            if impl not in EXPERT_IMPLS:
-                raise ValueError(f"unknown impl {impl!r}; choose from {sorted(EXPERT_IMPLS)}")
-            layer_base = base_copy()
-            layer = MoLoRALinear(
-                layer_base,
-                num_experts=args.experts,
-                r=args.rank,
-                lora_alpha=2 * args.rank,
-                router=_router(kind, in_features, args.experts, args.top_k, args.num_tasks),
-                expert_impl=impl,
-                adapter_dtype=dtype,
-            ).to(device)
-            with torch.no_grad():
-                layer.lora_B.normal_(std=0.02)
-            trainable = [p for p in layer.parameters() if p.requires_grad]
+    for kind in _names(args.routers):
+        for impl in _names(args.impls):
             name = f"molora {_router_label(kind, args.top_k, args.experts)} {impl}"
-            variants.append(Variant(name, layer, trainable, [layer_base.weight]))
+            variants.append(_molora_layer(args, name, base_copy(), kind, impl, device, dtype))
+    for form in _names(args.forms):
+        if form not in FORMS:
+            raise ValueError(f"unknown form {form!r}; choose from {list(FORMS)}")
+        kind, extra = FORMS[form]
+        label = f"p={args.top_p}" if kind == "topp" else f"top{args.top_k}"
+        for impl in _names(args.form_impls):
+            name = f"molora {form} {label} {impl}"
+            variants.append(_molora_layer(args, name, base_copy(), kind, impl, device, dtype, **extra))
     return variants
+
+
+def _names(comma_list: str) -> list[str]:
+    return [n.strip() for n in comma_list.split(",") if n.strip()]
+
+
+def _molora_layer(args, name: str, layer_base: nn.Linear, kind: str, impl: str, device, dtype, **extra) -> Variant:
+    """A MoLoRALinear row (B non-zero, as after training) on its own copy of W0."""
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose from {sorted(EXPERT_IMPLS)}")
+    router = _router(kind, layer_base.in_features, args.experts, args.top_k, args.num_tasks, args.top_p)
+    layer = MoLoRALinear(
+        layer_base,
+        num_experts=args.experts,
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        router=router,
+        expert_impl=impl,
+        adapter_dtype=dtype,
+        **extra,
+    ).to(device)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.02)
+        if extra.get("num_shared_experts"):
+            layer.lora_B_shared.normal_(std=0.02)
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    return Variant(name, layer, trainable, [layer_base.weight])
 
 
 def _inputs(args, device, dtype, tokens: int, in_features: int, out_features: int):

@@ -38,6 +38,14 @@ from molora.apps.bench.report import (
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ("peft_r", "peft_kr", "molora_topk", "molora_soft", "molora_task", "mixlora")
+# Expert structures and routers of issue 10 (not in the default run): top-k with a shared A,
+# top-k with one shared expert, top-p (p = 0.5), top-k with one router per block.
+FORMS = {
+    "molora_hydra": ("topk", {"share_lora_A": True}),
+    "molora_shared1": ("topk", {"num_shared_experts": 1}),
+    "molora_topp": ("topp", {"top_p": 0.5}),
+    "molora_block": ("topk", {"router_sharing": "block"}),
+}
 
 
 @dataclass
@@ -62,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", "-r", type=int, default=16)
     parser.add_argument("--top-k", "-k", type=int, default=2)
     parser.add_argument("--num-tasks", type=int, default=4)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS + tuple(FORMS)}")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -139,10 +147,10 @@ def _randomize_lora_b(model: nn.Module) -> None:
                 p.normal_(std=0.01)
 
 
-def _molora(base: nn.Module, args, batch: dict, router: str, name: str) -> TrainVariant:
+def _molora(base: nn.Module, args, batch: dict, router: str, name: str, **extra) -> TrainVariant:
     from molora import MoLoRAConfig, get_molora_model
 
-    kw: dict = {"router": router}
+    kw: dict = {"router": router, **extra}
     if router == "topk":
         kw["top_k"] = args.top_k
     if router == "task":
@@ -274,8 +282,8 @@ def build_variants(args, device, dtype) -> tuple[list[TrainVariant], dict]:
     batch = {"input_ids": ids, "labels": ids}
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     for name in wanted:
-        if name not in VARIANTS:
-            raise ValueError(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
+        if name not in VARIANTS and name not in FORMS:
+            raise ValueError(f"unknown variant {name!r}; choose from {list(VARIANTS) + list(FORMS)}")
     kr = args.top_k * args.rank
     builders = {
         "peft_r": lambda m: _peft(m, args.rank, batch, f"peft_lora r={args.rank}", args.compile),
@@ -285,6 +293,11 @@ def build_variants(args, device, dtype) -> tuple[list[TrainVariant], dict]:
         "molora_task": lambda m: _molora(m, args, batch, "task", f"molora task ({args.num_tasks} tasks)"),
         "mixlora": lambda m: _mixlora(m, args, batch, f"mixlora top{args.top_k} of {args.experts}", dtype),
     }
+    for form, (router, extra) in FORMS.items():
+        label = f"molora {form.removeprefix('molora_')} ({router}{'' if router == 'topp' else args.top_k} of {args.experts})"
+        builders[form] = lambda m, router=router, extra=extra, label=label: _molora(
+            m, args, batch, router, label, **extra
+        )
     return [builders[name](copy.deepcopy(base)) for name in wanted], batch
 
 

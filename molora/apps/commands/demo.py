@@ -46,6 +46,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="demo settings (kind: demo), e.g. configs/demo.yaml (default: built-in, the same values)",
     )
+    parser.add_argument(
+        "--variants",
+        nargs="?",
+        type=int,
+        const=3,
+        default=0,
+        metavar="SEEDS",
+        help="compare the expert forms (shared LoRA, task, top-k, Hydra+task, task+1 shared expert, top-p) "
+        "at the same budget, mean +- std over SEEDS seeds (default 3; ~15-25 min on 2 cores)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -56,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"molora demo: --steps must be >= 1, got {args.steps}")
+    if args.variants < 0:
+        raise SystemExit(f"molora demo: --variants takes a number of seeds >= 1, got {args.variants}")
     config = DemoConfig.from_yaml(args.config, quick=args.quick) if args.config else None
     results = run_demo(
         out_dir=args.out,
@@ -64,5 +76,6 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick and config is None,
         config=config,
         progress=not args.no_progress,
+        variants=args.variants,
     )
     return 0 if results["export_ok"] else 1

@@ -58,6 +58,8 @@ def _task_gates(path: Path, config: dict[str, Any], layers: list[str]) -> list[s
     width = max(len(n) for n in layers)
     lines.append(f"  {'layer':<{width}}  " + "  ".join(f"{n:<{6 * config['num_experts']}}" for n in names))
     for layer in layers:
+        if f"{layer}.router.table" not in weights:  # router_sharing="block": the block's first layer routes
+            continue
         router = TaskRouter(
             num_experts=config["num_experts"],
             num_tasks=config["num_tasks"],

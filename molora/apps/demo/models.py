@@ -21,6 +21,8 @@ from molora.apps.demo.data import TaskData
 
 __all__ = [
     "DEMO_MODELS",
+    "MODEL_DESCRIPTIONS",
+    "VARIANT_MODELS",
     "MultitaskClassifier",
     "build_model",
     "load_heads",
@@ -35,6 +37,18 @@ DEMO_MODELS: dict[str, str] = {
     "shared-lora": "shared PEFT LoRA (same budget)",
 }
 """Model key -> description, in table order."""
+
+VARIANT_MODELS: dict[str, str] = {
+    "shared-lora": "shared PEFT LoRA (same budget)",
+    "molora-task": "MoLoRA, task router",
+    "molora-topk": "MoLoRA, top-k token router",
+    "hydra-task": "HydraLoRA (shared A), task router",
+    "task-shared1": "task router + 1 shared expert",
+    "molora-topp": "MoLoRA, top-p token router",
+}
+"""The forms ``molora demo --variants`` compares at the same adapter budget (see :func:`_molora_config`)."""
+
+MODEL_DESCRIPTIONS: dict[str, str] = {**DEMO_MODELS, **VARIANT_MODELS}
 
 
 class MultitaskClassifier(nn.Module):
@@ -82,8 +96,8 @@ def build_model(key: str, base: nn.Module, tasks: list[TaskData], cfg: DemoConfi
     """
     from molora import get_molora_model
 
-    if key not in DEMO_MODELS:
-        raise ValueError(f"unknown demo model {key!r}; choices: {sorted(DEMO_MODELS)}")
+    if key not in MODEL_DESCRIPTIONS:
+        raise ValueError(f"unknown demo model {key!r}; choices: {sorted(MODEL_DESCRIPTIONS)}")
     encoder = copy.deepcopy(base)
     torch.manual_seed(cfg.seed)  # the same head init for every model
     heads = nn.ModuleList(nn.Linear(base.config.hidden_size, len(t.labels)) for t in tasks)
@@ -108,8 +122,15 @@ def _shared_lora(encoder: nn.Module, cfg: DemoConfig) -> nn.Module:
     return get_peft_model(encoder, lora)
 
 
+def hydra_rank(cfg: DemoConfig) -> int:
+    """HydraLoRA's rank at the N experts' budget on square layers: r_h (1 + N) d ~ N r (2 d)."""
+    return max(1, round(2 * cfg.num_experts * cfg.r / (cfg.num_experts + 1)))
+
+
 def _molora_config(key: str, tasks: list[TaskData], cfg: DemoConfig):
-    """The MoLoRAConfig of ``molora-task`` or ``molora-topk``."""
+    """The MoLoRAConfig of a MoLoRA key of :data:`MODEL_DESCRIPTIONS`, at the adapter budget of N
+    experts of rank r: ``hydra-task`` takes rank :func:`hydra_rank`, ``task-shared1`` N - 1
+    routed experts and one shared one, ``molora-topp`` top_p = 0.5 (top-2 of 4 at uniform gates)."""
     from molora import MoLoRAConfig
 
     common = {
@@ -119,15 +140,15 @@ def _molora_config(key: str, tasks: list[TaskData], cfg: DemoConfig):
         "lora_alpha": cfg.lora_alpha,
         "router_init_std": cfg.router_init_std,
     }
+    task = dict(router="task", num_tasks=len(tasks), task_names=[t.name for t in tasks], router_aux_loss_coef=0.0)
     if key == "molora-task":
-        return MoLoRAConfig(
-            router="task",
-            num_tasks=len(tasks),
-            top_k=cfg.task_top_k,
-            task_names=[t.name for t in tasks],
-            router_aux_loss_coef=0.0,
-            **common,
-        )
+        return MoLoRAConfig(top_k=cfg.task_top_k, **task, **common)
+    if key == "hydra-task":
+        return MoLoRAConfig(**task, **{**common, "r": hydra_rank(cfg)}, share_lora_A=True)
+    if key == "task-shared1":
+        return MoLoRAConfig(**task, **{**common, "num_experts": cfg.num_experts - 1}, num_shared_experts=1)
+    if key == "molora-topp":
+        return MoLoRAConfig(router="topp", top_p=0.5, router_aux_loss_coef=cfg.router_aux_loss_coef, **common)
     return MoLoRAConfig(router="topk", top_k=cfg.top_k, router_aux_loss_coef=cfg.router_aux_loss_coef, **common)
 
 

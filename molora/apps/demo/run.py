@@ -61,6 +61,7 @@ def run_demo(
     quick: bool = False,
     config: DemoConfig | None = None,
     progress: bool = True,
+    variants: int = 0,
 ) -> dict:
     """Train the three demo models, print their table, plot routing, export and check.
 
@@ -71,6 +72,8 @@ def run_demo(
         quick: apply :data:`~molora.apps.demo.config.QUICK_OVERRIDES` (a tiny run for tests).
         config: settings; default :class:`DemoConfig` ().
         progress: show tqdm bars.
+        variants: instead of the three-model demo, compare the expert forms of
+            :mod:`molora.apps.demo.variants` over this many seeds (``results["variants"]``).
 
     Returns:
         ``{"out_dir", "tasks", "config", "models": {key: {"description", "accuracy": {task:
@@ -82,6 +85,8 @@ def run_demo(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with _quiet():
         cfg = resolve_config(config, quick=quick, steps=steps, seed=seed)
+        if variants:
+            return _run_variants(cfg, out_dir=out_dir, progress=progress, seeds=variants)
         return _run_demo(cfg, out_dir=out_dir, progress=progress)
 
 
@@ -132,6 +137,22 @@ def _run_demo(cfg: DemoConfig, *, out_dir: str | os.PathLike | None, progress: b
     results["wall_s"] = time.perf_counter() - wall
     results["cpu_s"] = time.process_time() - cpu
     print_report(results, out)
+    write_results(results, out)
+    return results
+
+
+def _run_variants(cfg: DemoConfig, *, out_dir, progress: bool, seeds: int) -> dict:
+    from molora.apps.demo.variants import format_variants, run_variants
+
+    wall = time.perf_counter()
+    out = _run_folder(out_dir)
+    tokenizer, base = _load_minilm()
+    section = run_variants(cfg, base, tokenizer, out, seeds=seeds, progress=progress)
+    results = {"out_dir": str(out), "config": cfg.to_dict(), "variants": section, "export_ok": True}
+    results["wall_s"] = time.perf_counter() - wall
+    print()
+    print(format_variants(section))
+    print(f"results: {out / 'results.json'}, {out / 'variants.md'} ({results['wall_s']:.0f}s wall)")
     write_results(results, out)
     return results
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from molora.apps.demo.config import DemoConfig
 from molora.apps.demo.data import TaskData, batches
-from molora.apps.demo.models import DEMO_MODELS, MultitaskClassifier, build_model, trainable_parameters
+from molora.apps.demo.models import MODEL_DESCRIPTIONS, MultitaskClassifier, build_model, trainable_parameters
 
 __all__ = ["TrainedModel", "accuracy", "evaluate", "predict", "train", "train_and_evaluate"]
 
@@ -47,7 +47,7 @@ def train_and_evaluate(
     cfg: DemoConfig,
     progress: bool,
 ) -> TrainedModel:
-    """Build the model ``key`` of :data:`DEMO_MODELS`, train it on ``schedule`` and test it.
+    """Build the model ``key`` of :data:`~molora.apps.demo.models.MODEL_DESCRIPTIONS`, train it on ``schedule`` and test it.
 
     Args:
         key: which demo model.
@@ -67,7 +67,7 @@ def train_and_evaluate(
     t0 = time.perf_counter()
     accuracy, logits, routing = evaluate(model, tasks, collator, cfg)
     row = {
-        "description": DEMO_MODELS[key],
+        "description": MODEL_DESCRIPTIONS[key],
         "accuracy": accuracy,
         "mean_accuracy": sum(accuracy.values()) / len(accuracy),
         "trainable_params": adapter_params + head_params,

@@ -1,0 +1,44 @@
+"""``molora demo --variants``: the compared forms, their budget, and the mean +- std table."""
+
+from __future__ import annotations
+
+import pytest
+
+from molora.apps.demo.config import DemoConfig
+from molora.apps.demo.models import VARIANT_MODELS, _molora_config, hydra_rank
+from molora.apps.demo.variants import _summarize, format_variants
+
+
+class _Task:
+    def __init__(self, name):
+        self.name = name
+
+
+def test_variant_configs_keep_the_adapter_budget():
+    cfg, tasks = DemoConfig(), [_Task("a"), _Task("b"), _Task("c")]
+    d, n, r = 384, cfg.num_experts, cfg.r
+    budget = n * r * 2 * d  # N experts of rank r on a square (d, d) layer
+    sizes = {}
+    for key in VARIANT_MODELS:
+        if key == "shared-lora":
+            continue
+        c = _molora_config(key, tasks, cfg)
+        a_count = 1 if c.share_lora_A else c.num_experts
+        sizes[key] = c.r * d * (a_count + c.num_experts) + c.num_shared_experts * c.r * 2 * d
+    assert sizes["molora-task"] == sizes["molora-topk"] == sizes["molora-topp"] == sizes["task-shared1"] == budget
+    assert abs(sizes["hydra-task"] - budget) / budget < 0.1 and hydra_rank(cfg) == 6
+    assert _molora_config("molora-topp", tasks, cfg).router == "topp"
+
+
+def test_variants_table_gives_mean_and_std_over_seeds():
+    runs = [
+        {"seed": s, "accuracy": {"a": acc, "b": acc}, "mean_accuracy": acc, "trainable_params": 10, "train_s": 1.0}
+        for s, acc in enumerate([0.5, 0.7])
+    ]
+    section = {"seeds": [0, 1], "tasks": ["a", "b"], "models": {k: {"runs": list(runs)} for k in VARIANT_MODELS}}
+    _summarize(section)
+    entry = section["models"]["hydra-task"]
+    assert entry["mean"] == pytest.approx(0.6) and entry["std"] == pytest.approx(0.1414, abs=1e-4)
+    table = format_variants(section)
+    assert "| hydra-task (HydraLoRA (shared A), task router) | 0.600 | 0.600 | 0.600 ± 0.141 | 10 |" in table
+    assert table.count("\n| ") == len(VARIANT_MODELS) + 1  # header + one row per form
