@@ -41,8 +41,18 @@ class SoftRouter(nn.Module):
             check_finite(logits, type(self).__name__)
         return logits
 
+    def route(self, logits: torch.Tensor) -> RouterOutput:
+        """The routing for (T, N) float32 logits (those of :meth:`compute_logits`, or computed by the
+        layer in the same GEMM as its experts' down-projection)."""
+        return route_topk(logits, None)
+
+    def logits_are_linear(self) -> bool:
+        """Whether the logits are exactly ``x @ weight.T`` now (no jitter), so a caller may compute
+        them in a fused GEMM and pass them to :meth:`route`."""
+        return True
+
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RouterOutput:
-        return route_topk(self.compute_logits(x), None)
+        return self.route(self.compute_logits(x))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_experts={self.num_experts}"

@@ -50,7 +50,13 @@ class TopKRouter(SoftRouter):
         if self.training and self.jitter_noise > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             x = x * noise
-        return route_topk(self.compute_logits(x), self.top_k, self.normalize_top_k)
+        return self.route(self.compute_logits(x))
+
+    def route(self, logits: torch.Tensor) -> RouterOutput:
+        return route_topk(logits, self.top_k, self.normalize_top_k)
+
+    def logits_are_linear(self) -> bool:
+        return not (self.training and self.jitter_noise > 0)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_k={self.top_k}, jitter_noise={self.jitter_noise}"

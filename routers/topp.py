@@ -50,7 +50,13 @@ class TopPRouter(SoftRouter):
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RouterOutput:
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        return route_topp(self.compute_logits(x), self.top_p, self.top_k)
+        return self.route(self.compute_logits(x))
+
+    def route(self, logits: torch.Tensor) -> RouterOutput:
+        return route_topp(logits, self.top_p, self.top_k)
+
+    def logits_are_linear(self) -> bool:
+        return not (self.training and self.jitter_noise > 0)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_p={self.top_p}, top_k={self.top_k}, jitter_noise={self.jitter_noise}"

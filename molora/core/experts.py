@@ -88,11 +88,29 @@ def dense_experts(
     built; autograd saves x, the (T, N*r) intermediate and the (T, N) gates: O(T*N*r). With a
     shared A (1, r, in) the down-projection is one (T, r) GEMM and the gates scale its copies.
     """
-    num_experts, out_features, rank = lora_B.shape
-    num_tokens = x.shape[0]
     h = x @ lora_A.reshape(-1, lora_A.shape[2]).t()  # (T, N*r), or (T, r) with a shared A
+    return dense_up(h, lora_B, weights, scaling, shared_A=shares_A(lora_A, lora_B))
+
+
+def dense_up(
+    h: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float, *, shared_A: bool = False
+) -> torch.Tensor:
+    """The second half of ``dense``: gates scale the down-projection h, then one up-projection GEMM.
+
+    Args:
+        h: (T, N*r) down-projection x A_cat^T, or (T, r) with a shared A.
+        lora_B: (N, out, r).
+        weights: (T, N) gates.
+        scaling: s.
+        shared_A: h is the one shared head (T, r).
+
+    Returns:
+        (T, out).
+    """
+    num_experts, out_features, rank = lora_B.shape
+    num_tokens = h.shape[0]
     gates = weights.to(h.dtype) * scaling  # (T, N)
-    if shares_A(lora_A, lora_B):
+    if shared_A:
         hg = (gates[:, :, None] * h[:, None, :]).view(num_tokens, num_experts * rank)  # (T, N*r)
     else:
         hg = (h.view(num_tokens, num_experts, rank) * gates[:, :, None]).view(num_tokens, num_experts * rank)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from molora.core.config import lora_scaling
-from molora.core.experts import resolve_impl
+from molora.core.experts import dense_up, resolve_impl
+from molora.core.fused import fused_route
 from molora.core.routing import BlockRouting, RoutingContext
 from molora.core.shared import shared_experts
 from routers import RouterOutput, fill_padding
@@ -168,16 +169,19 @@ class MoLoRALinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.in_features)  # (T, in)
-        routing = self._route(tokens, x)
+        fused = fused_route(self, tokens)  # router and down-projection in one GEMM, where it applies
+        routing = fused[0] if fused is not None else self._route(tokens, x)
         self.last_routing = routing
         compute_dtype = _compute_dtype(tokens)
-        indices = routing.indices  # (T, k); top-p's -1 slots become unused experts with gate 0
-        indices = fill_padding(indices, self.num_experts) if routing.padded else indices
-        expert_fn = resolve_impl(self.expert_impl, sparse=indices is not None)
         dropped = self.lora_dropout(tokens).to(compute_dtype)  # (T, in)
-        delta = expert_fn(
-            dropped, self.lora_A.to(compute_dtype), self.lora_B.to(compute_dtype), routing.weights, indices, self.scaling
-        )  # (T, out)
+        if fused is not None:
+            delta = dense_up(fused[1], self.lora_B, routing.weights, self.scaling)  # (T, out)
+        else:
+            indices = routing.indices  # (T, k); top-p's -1 slots become unused experts with gate 0
+            indices = fill_padding(indices, self.num_experts) if routing.padded else indices
+            expert_fn = resolve_impl(self.expert_impl, sparse=indices is not None)
+            lora_A, lora_B = self.lora_A.to(compute_dtype), self.lora_B.to(compute_dtype)
+            delta = expert_fn(dropped, lora_A, lora_B, routing.weights, indices, self.scaling)  # (T, out)
         if self.num_shared_experts:
             shared_A, shared_B = self.lora_A_shared.to(compute_dtype), self.lora_B_shared.to(compute_dtype)
             delta = delta + shared_experts(dropped, shared_A, shared_B, self.scaling)  # (T, out)
