@@ -27,6 +27,32 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+
+
+def triton_interpreted() -> bool:
+    """Whether triton is installed and runs under its CPU interpreter in this process."""
+    try:
+        from triton.language import standard
+    except ImportError:
+        return False
+    return type(standard.sum).__name__ == "InterpretedFunction"
+
+
+needs_triton_interpreter = pytest.mark.skipif(
+    not triton_interpreted(), reason="triton is not installed, or its CPU interpreter is not active in this process"
+)
+
+
+def interpreted_triton_kernels():
+    """molora's kernel module, rebuilt under the interpreter if it was imported before the variable was set."""
+    import importlib
+
+    kernels = importlib.import_module("molora.core.kernels.triton_kernels")
+    if not kernels.INTERPRETED:
+        importlib.reload(kernels)
+    return kernels
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
 TINY_CONFIG = CONFIGS_DIR / "tiny.yaml"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import interpreted_triton_kernels, needs_triton_interpreter
 from tiny_models import random_batch, tiny_llama
 from torch import nn
 
@@ -195,17 +196,8 @@ def test_config_errors_name_router_sharing():
         _llama(num_experts_pattern={"k_proj": 2})
 
 
+@needs_triton_interpreter
 @pytest.mark.parametrize("kind", ["top2", "topp"])
 def test_block_router_triton_matches_eager_reference(kind):
-    try:
-        from triton.language import standard
-    except ImportError:
-        pytest.skip("triton is not installed")
-    if type(standard.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton's CPU interpreter is not active in this process")
-    import importlib
-
-    kernels = importlib.import_module("molora.core.kernels.triton_kernels")
-    if not kernels.INTERPRETED:
-        importlib.reload(kernels)
+    interpreted_triton_kernels()
     check(kind, "triton", 7, torch.float32, 1e-4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import interpreted_triton_kernels, needs_triton_interpreter
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -156,22 +157,10 @@ def test_shared_experts_are_outside_routing():
     assert layer.last_routing.weights.shape == (5, N) and layer.last_routing.indices.shape == (5, 2)
 
 
-def _triton_interpreted() -> bool:
-    try:
-        from triton.language import standard
-    except ImportError:
-        return False
-    return type(standard.sum).__name__ == "InterpretedFunction"
-
-
-@pytest.mark.skipif(not _triton_interpreted(), reason="triton's CPU interpreter is not active in this process")
+@needs_triton_interpreter
 @pytest.mark.parametrize("kind", ["top2", "soft"])
 @pytest.mark.parametrize("form", ["hydra", "hydra_shared"])
 def test_triton_forms_match_eager_reference(form, kind):
     """The kernels run on h = A x (T, r) with an identity down-projection (see triton_experts)."""
-    import importlib
-
-    kernels = importlib.import_module("molora.core.kernels.triton_kernels")
-    if not kernels.INTERPRETED:  # imported before the variable was set: rebuild its kernels
-        importlib.reload(kernels)
+    interpreted_triton_kernels()
     check(form, kind, "triton", 7, torch.float32, 1e-4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import interpreted_triton_kernels, needs_triton_interpreter
 from torch import nn
 
 from molora import MoLoRAConfig
@@ -191,20 +192,8 @@ def test_config_top_p_only_for_topp_and_cap_checked():
     assert MoLoRAConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def _triton_interpreted() -> bool:
-    try:
-        from triton.language import standard
-    except ImportError:
-        return False
-    return type(standard.sum).__name__ == "InterpretedFunction"
-
-
-@pytest.mark.skipif(not _triton_interpreted(), reason="triton's CPU interpreter is not active in this process")
+@needs_triton_interpreter
 @pytest.mark.parametrize("kind", ["p05", "p09_cap2"])
 def test_topp_triton_matches_eager_reference(kind):
-    import importlib
-
-    kernels = importlib.import_module("molora.core.kernels.triton_kernels")
-    if not kernels.INTERPRETED:  # imported before the variable was set: rebuild its kernels
-        importlib.reload(kernels)
+    interpreted_triton_kernels()
     check(kind, "triton", 7, torch.float32, 1e-4)
