@@ -23,6 +23,7 @@ class SoftRouter(nn.Module):
     """
 
     top_k: int | None = None
+    jitter_noise: float = 0.0  # multiplicative input jitter in training (set by the token routers that take it)
 
     def __init__(self, in_features: int, *, num_experts: int, init_std: float = 0.02, debug: bool = False):
         super().__init__()
@@ -49,9 +50,16 @@ class SoftRouter(nn.Module):
     def logits_are_linear(self) -> bool:
         """Whether the logits are exactly ``x @ weight.T`` now (no jitter), so a caller may compute
         them in a fused GEMM and pass them to :meth:`route`."""
-        return True
+        return not (self.training and self.jitter_noise > 0)
+
+    def _set_jitter(self, jitter_noise: float) -> None:
+        if not 0.0 <= jitter_noise < 1.0:
+            raise ValueError(f"`jitter_noise` must be in [0, 1), got {jitter_noise}")
+        self.jitter_noise = jitter_noise
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RouterOutput:
+        if not self.logits_are_linear():  # x * U(1 - eps, 1 + eps) (Switch Transformer §2.4)
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         return self.route(self.compute_logits(x))
 
     def extra_repr(self) -> str:

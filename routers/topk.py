@@ -41,22 +41,11 @@ class TopKRouter(SoftRouter):
         check_top_k(top_k, num_experts, allow_none=False)
         check_normalize(normalize_top_k)
         self.normalize_top_k = normalize_top_k
-        if not 0.0 <= jitter_noise < 1.0:
-            raise ValueError(f"`jitter_noise` must be in [0, 1), got {jitter_noise}")
         self.top_k = top_k
-        self.jitter_noise = jitter_noise
-
-    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RouterOutput:
-        if self.training and self.jitter_noise > 0:
-            noise = torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-            x = x * noise
-        return self.route(self.compute_logits(x))
+        self._set_jitter(jitter_noise)
 
     def route(self, logits: torch.Tensor) -> RouterOutput:
         return route_topk(logits, self.top_k, self.normalize_top_k)
-
-    def logits_are_linear(self) -> bool:
-        return not (self.training and self.jitter_noise > 0)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_k={self.top_k}, jitter_noise={self.jitter_noise}"

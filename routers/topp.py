@@ -41,22 +41,12 @@ class TopPRouter(SoftRouter):
         check_top_k(top_k, num_experts, allow_none=True)
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
             raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}")
-        if not 0.0 <= jitter_noise < 1.0:
-            raise ValueError(f"`jitter_noise` must be in [0, 1), got {jitter_noise}")
         self.top_p = float(top_p)
         self.top_k = top_k
-        self.jitter_noise = jitter_noise
-
-    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> RouterOutput:
-        if self.training and self.jitter_noise > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        return self.route(self.compute_logits(x))
+        self._set_jitter(jitter_noise)
 
     def route(self, logits: torch.Tensor) -> RouterOutput:
         return route_topp(logits, self.top_p, self.top_k)
-
-    def logits_are_linear(self) -> bool:
-        return not (self.training and self.jitter_noise > 0)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_p={self.top_p}, top_k={self.top_k}, jitter_noise={self.jitter_noise}"
