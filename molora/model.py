@@ -14,7 +14,7 @@ from molora.calls import batch_size, generation_expansion, with_signature
 from molora.core.config import MoLoRAConfig
 from molora.core.layer import MoLoRALinear
 from molora.core.losses import load_balancing_loss, router_z_loss
-from molora.core.routing import RoutingContext, replay_routing, validate_task_ids
+from molora.core.routing import RoutingContext, checkpointable_blocks, replay_routing, validate_task_ids
 from molora.inject import inject_molora, unload_molora
 from molora.io import load_molora, save_molora
 from molora.merge import export, from_peft
@@ -47,6 +47,7 @@ class MoLoRAModel(nn.Module):
         self.molora_config = config
         self.modules_to_save = to_save
         self._layer_names = list(layers)
+        self._checkpoint_blocks = checkpointable_blocks(base_model)  # a plain list: not submodules
         self._original_requires_grad = requires_grad
         self._token_mask: torch.Tensor | None = None
         self.track_routing_stats = True
@@ -84,7 +85,7 @@ class MoLoRAModel(nn.Module):
         device = getattr(self.base_model, "device", None)
         self.routing_context.task_ids = ids if ids is None or device is None else ids.to(device)
         if self.training:  # checkpointing may have been enabled on the base model directly
-            replay_routing(self.base_model, self.routing_context)
+            replay_routing(self._checkpoint_blocks, self.routing_context)
 
     def forward(self, *args, labels: torch.Tensor | None = None, task_ids: Any = None, **kwargs):
         """Run the base model with MoLoRA routing.
@@ -213,7 +214,7 @@ class MoLoRAModel(nn.Module):
             enable(activation_checkpointing_kwargs=ckpt_kwargs, **kwargs)
         if hasattr(self.base_model, "enable_input_require_grads"):
             self.base_model.enable_input_require_grads()
-        replay_routing(self.base_model, self.routing_context)
+        replay_routing(self._checkpoint_blocks, self.routing_context)
 
     # ------------------------------------------------------------------ losses
     def _layer_mask(self, num_tokens: int) -> torch.Tensor | None:

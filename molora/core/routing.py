@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,14 +137,24 @@ def _preview(ids: torch.Tensor) -> str:
     return f"{shown}{' ...' if ids.numel() > 8 else ''}"
 
 
-def replay_routing(model: nn.Module, context: RoutingContext) -> None:
-    """Make every checkpointed block of ``model`` recompute with the task ids of its own forward.
+def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that transformers may checkpoint (those with a ``gradient_checkpointing``
+    flag): where :func:`replay_routing` looks, found once instead of walking the model every forward."""
+    return [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
+
+
+def replay_routing(blocks: Iterable[nn.Module], context: RoutingContext) -> None:
+    """Make every checkpointed block recompute with the task ids of its own forward.
 
     transformers stores the checkpoint function on each block as ``_gradient_checkpointing_func``;
     it is wrapped (once) so that the function it checkpoints first restores the routing context
     captured when the block ran forward. Idempotent; call it after checkpointing is enabled.
+
+    Args:
+        blocks: the modules to look at (:func:`checkpointable_blocks` of the model).
+        context: the model's routing context.
     """
-    for module in model.modules():
+    for module in blocks:
         func = getattr(module, "_gradient_checkpointing_func", None)
         if func is not None and not getattr(func, "_molora_replays_routing", False):
             module._gradient_checkpointing_func = _replaying(func, context)
