@@ -15,6 +15,7 @@ from molora.core.config import MoLoRAConfig
 from molora.core.experts import EXPERT_IMPLS
 from molora.core.layer import MoLoRALinear
 from molora.core.losses import load_balancing_loss, router_z_loss
+from molora.core.param_groups import create_molora_optimizer, get_optimizer_param_groups
 from molora.merge.gates import measure_gates
 from molora.model import MoLoRAModel, get_molora_model
 
@@ -24,7 +25,9 @@ __all__ = [
     "MoLoRALinear",
     "MoLoRAModel",
     "__version__",
+    "create_molora_optimizer",
     "get_molora_model",
+    "get_optimizer_param_groups",
     "load_balancing_loss",
     "measure_gates",
     "router_z_loss",

@@ -382,14 +382,38 @@ class MoLoRAModel(nn.Module):
 
     @classmethod
     def from_lora_adapters(
-        cls, base_model: nn.Module, paths: list[str | os.PathLike], config: MoLoRAConfig, **kwargs
+        cls,
+        base_model: nn.Module,
+        paths: list[str | os.PathLike],
+        config: MoLoRAConfig,
+        *,
+        freeze_experts: bool = True,
+        identity_gate: float | None = from_peft.IDENTITY_GATE,
+        check_base_name: bool = True,
     ) -> MoLoRAModel:
-        """Build a MoLoRA model whose expert i starts as the PEFT LoRA adapter ``paths[i]``.
+        """Build a MoLoRA model whose expert i starts as the PEFT LoRA adapter ``paths[i]``
+        (see :func:`molora.merge.from_peft.from_lora_adapters`).
 
-        Keyword arguments (``freeze_experts``, ``check_base_name``) go to
-        :func:`molora.merge.from_peft.from_lora_adapters`.
+        Args:
+            base_model: the transformers model the adapters were trained on (injected in place).
+            paths: adapter folders, one per expert (``config.num_experts`` of them).
+            config: the MoLoRAConfig (``r`` >= the largest adapter rank).
+            freeze_experts: True (default): the experts keep the adapters' weights
+                (``requires_grad=False``) and only the router trains; False: they train too.
+            identity_gate: with ``router="task"`` and one adapter per task, task i starts with
+                gate ``identity_gate`` (default 1 - 1e-6) on adapter i, so that the routed model
+                equals ``PeftModel`` with adapter i at step 0; None keeps a random table.
+            check_base_name: compare each adapter's recorded base model name with the base's.
         """
-        return from_peft.from_lora_adapters(cls, base_model, paths, config, **kwargs)
+        return from_peft.from_lora_adapters(
+            cls,
+            base_model,
+            paths,
+            config,
+            freeze_experts=freeze_experts,
+            identity_gate=identity_gate,
+            check_base_name=check_base_name,
+        )
 
 
 def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:

@@ -167,3 +167,29 @@ def test_gpt2_conv1d_adapters(tmp_path):
     for i in range(2):
         got = _logits(model, ids, task_ids=torch.tensor([i, i]))
         torch.testing.assert_close(got, expected[i], atol=1e-5, rtol=1e-4)
+
+
+def test_task_router_from_one_adapter_per_task_starts_as_that_adapter(tmp_path):
+    """Issue 16: with the default task router (softmax over all experts, no top_k), task i is
+    adapter i at step 0: equal to PeftModel with that adapter within 1e-4, with no manual table edit."""
+    base = _llama()
+    paths = [_peft_adapter(base, tmp_path / f"a{i}", 10 + i, r=4, lora_alpha=8) for i in range(3)]
+    ids = _ids()
+    expected = [_logits(PeftModel.from_pretrained(copy.deepcopy(base), str(p)).eval(), ids) for p in paths]
+    cfg = MoLoRAConfig(target_modules=TARGETS, num_experts=3, r=4, lora_alpha=8, router="task", num_tasks=3)
+    model = MoLoRAModel.from_lora_adapters(copy.deepcopy(base), paths, cfg).eval()
+    for i in range(3):
+        got = _logits(model, ids, task_ids=torch.tensor([i, i]))
+        assert (got - expected[i]).abs().max() < 1e-4, i
+        others = [_logits(PeftModel.from_pretrained(copy.deepcopy(base), str(p)).eval(), ids) for p in paths if p != paths[i]]
+        assert all((got - o).abs().max() > 1e-2 for o in others)  # the adapters differ: the check can fail
+    layer = next(iter(model.molora_layers().values()))
+    gates = torch.softmax(layer.router.table, -1)  # (tasks, N)
+    torch.testing.assert_close(gates.diagonal(), torch.full((3,), 1 - 1e-6), atol=1e-7, rtol=0)
+    assert not layer.lora_A.requires_grad and layer.router.table.requires_grad  # frozen experts by default
+    unfrozen = MoLoRAModel.from_lora_adapters(copy.deepcopy(base), paths, cfg, freeze_experts=False, identity_gate=0.9)
+    layer = next(iter(unfrozen.molora_layers().values()))
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    torch.testing.assert_close(torch.softmax(layer.router.table, -1).diagonal(), torch.full((3,), 0.9))
+    with pytest.raises(ValueError, match=r"`identity_gate` must be None or in \(1/num_experts, 1\)"):
+        MoLoRAModel.from_lora_adapters(copy.deepcopy(base), paths, cfg, identity_gate=1.0)

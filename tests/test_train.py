@@ -15,7 +15,7 @@ from conftest import TINY_CONFIG, tiny_run_overrides
 from tiny_models import tiny_llama
 
 from molora.cli import main
-from molora.training.optim import lr_factor, param_groups
+from molora.training.optim import lr_factor
 from molora.training.tokenizer import build_byte_tokenizer
 
 MAX_STEPS = 6
@@ -240,10 +240,11 @@ def test_lr_factor_warmup_then_cosine():
 
 
 def test_param_groups_split_routers_and_b():
-    from molora import MoLoRAConfig, get_molora_model
+    from molora import MoLoRAConfig, get_molora_model, get_optimizer_param_groups
 
     model = get_molora_model(tiny_llama(), MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, r=2))
-    groups = {g["name"]: g for g in param_groups(model, lr=1e-3, router_lr=5e-3, loraplus_lr_ratio=8, weight_decay=0.1)}
+    groups = get_optimizer_param_groups(model, 1e-3, router_lr=5e-3, loraplus_lr_ratio=8, weight_decay=0.1)
+    groups = {g["name"]: g for g in groups}
     assert set(groups) == {"base", "lora_B", "router"}
     assert groups["lora_B"]["lr"] == pytest.approx(8e-3) and groups["router"]["lr"] == pytest.approx(5e-3)
     assert groups["router"]["weight_decay"] == 0.0 and groups["base"]["weight_decay"] == 0.1

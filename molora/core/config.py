@@ -12,6 +12,7 @@ from typing import Any
 from molora.atomic import atomic_write_text
 from molora.core.experts import EXPERT_IMPLS
 from molora.core.patterns import LayerSpec, check_patterns, layer_specs
+from molora.core.recipes import AUX_LOSS_COEF, default_aux_loss_coef
 from routers import ROUTERS
 
 ROUTER_SHARING = ("layer", "block")
@@ -50,6 +51,11 @@ class MoLoRAConfig:
         num_tasks: number of task ids; required by the "task" router.
         use_rslora: s = lora_alpha / sqrt(r) (rank-stabilized LoRA).
         router_aux_loss_coef: weight of the load-balancing loss added to ``out.loss``.
+            ``None`` (default): the router kind's default from
+            :data:`molora.core.recipes.AUX_LOSS_COEF` (0.01 for the token routers soft, topk
+            and topp; 0 for task, whose per-task table gains nothing from token balancing).
+            The resolved number is what the config holds and saves, so a saved adapter keeps
+            its coefficient if the defaults change; an explicit value is kept as given.
         router_z_loss_coef: weight of the router z-loss added to ``out.loss``.
         expert_impl: a name in ``molora.core.experts.EXPERT_IMPLS``: "auto" (chooses by routing
             kind, shapes and device), "eager" (reference loop), "dense", "grouped", "hybrid",
@@ -98,7 +104,7 @@ class MoLoRAConfig:
     normalize_top_k: bool | None = None
     num_tasks: int | None = None
     use_rslora: bool = False
-    router_aux_loss_coef: float = 0.01
+    router_aux_loss_coef: float | None = None
     router_z_loss_coef: float = 0.0
     expert_impl: str = "auto"
     router_jitter_noise: float = 0.0
@@ -119,6 +125,8 @@ class MoLoRAConfig:
             self.target_modules = list(self.target_modules)
         if self.router == "topk" and self.top_k is None:
             self.top_k = 2
+        if self.router_aux_loss_coef is None and self.router in AUX_LOSS_COEF:
+            self.router_aux_loss_coef = default_aux_loss_coef(self.router)
         self.validate()
         object.__setattr__(self, "_validated", True)
 

@@ -15,6 +15,15 @@ so that s * B'_i A'_i = s_i B_i A_i exactly. Adapters of smaller rank than ``con
 padded that way: the zero columns of B keep the padded slots inert but trainable (their A
 rows are random, not zero, so gradients can reach them if the experts are unfrozen).
 
+With ``router="task"`` and one adapter per task (``num_tasks == len(paths)``), task i starts
+on adapter i: row i of every layer's task table is ``log(g (N - 1) / (1 - g))`` at column i
+and 0 elsewhere, so that task i's gate of expert i is ``g = identity_gate`` (default
+``1 - 1e-6``) and the other experts share ``1 - g``. The routed model then equals adapter i
+to float32 precision at step 0 (the other experts contribute 1e-6 of their update), while
+the router keeps a (small) gradient and can still learn to mix; a lower ``identity_gate``
+(e.g. 0.9) starts a softer mix that moves faster. Exactly one-hot gates would need an
+infinite logit gap, and a router that can never learn again.
+
 Shared experts (``num_shared_experts``) start as zero updates and stay trainable even with
 ``freeze_experts`` (a residual adapter beside the frozen ones). ``share_lora_A`` and
 ``num_experts_pattern`` are refused: independent adapters have their own A's and one expert each.
@@ -26,6 +35,7 @@ Only safetensors adapters are read (no pickle). Adapters are checked against the
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -42,7 +52,10 @@ from molora.core.layer import linear_shape
 from molora.core.patterns import pattern_value
 from molora.io import base_model_name
 
-__all__ = ["LoraAdapter", "from_lora_adapters", "read_lora_adapter"]
+__all__ = ["IDENTITY_GATE", "LoraAdapter", "freeze_experts", "from_lora_adapters", "read_lora_adapter"]
+
+# task i's gate of adapter i at step 0 when the task router is built from one adapter per task
+IDENTITY_GATE = 1.0 - 1e-6
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -202,6 +215,7 @@ def from_lora_adapters(
     config: Any,
     *,
     freeze_experts: bool = True,
+    identity_gate: float | None = IDENTITY_GATE,
     check_base_name: bool = True,
 ) -> Any:
     """A MoLoRA model over ``base`` whose expert i is the LoRA adapter at ``paths[i]``.
@@ -211,7 +225,9 @@ def from_lora_adapters(
     ``config.r`` must be at least the largest adapter rank (smaller adapters are padded, see
     the module docstring). Each adapter's own scaling (alpha / r, rsLoRA, rank_pattern,
     alpha_pattern) is folded into its B so that expert i alone reproduces adapter i. The
-    router keeps its fresh initialization. Like ``get_molora_model``, this injects into
+    router keeps its fresh initialization, except with ``router="task"`` and
+    ``num_tasks == len(paths)``: task i then starts routed to adapter i (``identity_gate``,
+    see the module docstring). Like ``get_molora_model``, this injects into
     ``base`` in place; on a mismatch found after injection the base is restored first.
 
     Args:
@@ -220,8 +236,12 @@ def from_lora_adapters(
         base: the transformers model the adapters were trained on.
         paths: adapter folders, one per expert.
         config: the MoLoRAConfig.
-        freeze_experts: set ``requires_grad=False`` on lora_A / lora_B so that only the
-            router trains (the usual use); False keeps them trainable.
+        freeze_experts: True (default): the experts' lora_A / lora_B get
+            ``requires_grad=False``, so that only the router (and shared experts,
+            modules_to_save) trains: the adapters are kept as they are and mixed (LoraHub,
+            MoLE). False: the experts train too, starting from the adapters.
+        identity_gate: with the task router and one adapter per task, task i's starting gate
+            of adapter i, in (1/N, 1); None keeps the router's random init.
         check_base_name: compare each adapter's ``base_model_name_or_path`` with the base's
             name (when both are set).
 
@@ -235,6 +255,7 @@ def from_lora_adapters(
             cannot fill: ``share_lora_A`` (one A for all experts) or ``num_experts_pattern``.
     """
     _check_structure(config)
+    _check_identity_gate(identity_gate, config.num_experts)
     adapters = _read_adapters(paths, config)
     _check_against_base(adapters, base, check_base_name)
     model = build(base, config)
@@ -249,11 +270,44 @@ def from_lora_adapters(
             f"only in the config {only_config[:4]}, only in the adapters {only_adapter[:4]}"
         )
     _copy_experts(layers, adapters)
+    if identity_gate is not None and config.router == "task" and config.num_tasks == len(adapters):
+        _route_task_i_to_expert_i(layers, identity_gate)
     if freeze_experts:
-        for layer in layers.values():
-            layer.lora_A.requires_grad_(False)
-            layer.lora_B.requires_grad_(False)
+        _freeze(model)
     return model
+
+
+def _freeze(model: Any) -> None:
+    """``requires_grad=False`` on every layer's lora_A / lora_B (shared experts, routers and
+    modules_to_save stay as they are)."""
+    for layer in model.molora_layers().values():
+        layer.lora_A.requires_grad_(False)
+        layer.lora_B.requires_grad_(False)
+
+
+freeze_experts = _freeze  # public name (the keyword argument of from_lora_adapters shadows it there)
+
+
+def _check_identity_gate(gate: float | None, num_experts: int) -> None:
+    if gate is None or num_experts < 2:  # one expert: its gate is 1 whatever the table
+        return
+    ok = isinstance(gate, (int, float)) and not isinstance(gate, bool) and 1.0 / num_experts < gate < 1.0
+    if not ok:
+        raise ValueError(f"`identity_gate` must be None or in (1/num_experts, 1) = (1/{num_experts}, 1), got {gate!r}")
+
+
+@torch.no_grad()
+def _route_task_i_to_expert_i(layers: Mapping[str, nn.Module], gate: float) -> None:
+    """Task table rows: logit ``log(g (N-1) / (1-g))`` at expert i for task i, 0 elsewhere, so
+    that softmax gives task i the gate g on expert i (block-shared routers are set once)."""
+    for layer in layers.values():
+        if not getattr(layer, "owns_router", True):
+            continue
+        table = layer.router.table  # (tasks, N), tasks == N here
+        n = table.shape[1]
+        gap = math.log(gate * (n - 1) / (1.0 - gate)) if n > 1 else 0.0
+        table.zero_()
+        table.diagonal().fill_(gap)
 
 
 def _check_structure(config: Any) -> None:

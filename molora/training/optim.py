@@ -1,5 +1,6 @@
-"""The optimizer and learning-rate schedule of a training run: AdamW with separate groups for
-the experts' A, the experts' B (LoRA+) and the routers; warm-up then cosine/linear/constant."""
+"""The optimizer and learning-rate schedule of a training run: AdamW over
+:func:`molora.core.param_groups.get_optimizer_param_groups` (separate groups for the experts'
+A, the experts' B (LoRA+) and the routers); warm-up then cosine/linear/constant."""
 
 from __future__ import annotations
 
@@ -8,49 +9,11 @@ import math
 
 import torch
 
+from molora.core.param_groups import get_optimizer_param_groups
 from molora.model import MoLoRAModel
 from molora.training.run_config import TrainSection
 
-__all__ = ["build_optimizer", "lr_factor", "param_groups"]
-
-
-def param_groups(
-    model: MoLoRAModel, *, lr: float, router_lr: float | None, loraplus_lr_ratio: float | None, weight_decay: float
-) -> list[dict]:
-    """AdamW parameter groups: experts' A (and modules_to_save) at ``lr``; experts' B at
-    ``loraplus_lr_ratio * lr`` (LoRA+, Hayou et al. 2024; shared experts' B too); routers at ``router_lr`` without
-    weight decay. Empty groups are left out; each group has a ``name``.
-
-    Args:
-        model: the MoLoRA model; only parameters that require grad are grouped.
-        lr: base learning rate.
-        router_lr: routers' learning rate (None: ``lr``).
-        loraplus_lr_ratio: B's lr = ratio * lr (None: 1).
-        weight_decay: AdamW weight decay of the non-router groups.
-
-    Returns:
-        ``[{"name", "params", "lr", "weight_decay"}, ...]``.
-    """
-    groups: dict[str, list] = {"base": [], "lora_B": [], "router": []}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if ".router." in name:
-            groups["router"].append(param)
-        elif name.endswith(("lora_B", "lora_B_shared")):  # LoRA+ applies to every B factor
-            groups["lora_B"].append(param)
-        else:
-            groups["base"].append(param)
-    settings = {
-        "base": (lr, weight_decay),
-        "lora_B": (lr * (loraplus_lr_ratio or 1.0), weight_decay),
-        "router": (router_lr or lr, 0.0),
-    }
-    return [
-        {"name": key, "params": params, "lr": settings[key][0], "weight_decay": settings[key][1]}
-        for key, params in groups.items()
-        if params
-    ]
+__all__ = ["build_optimizer", "lr_factor"]
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float) -> float:
@@ -82,14 +45,19 @@ def build_optimizer(
     """AdamW over :func:`param_groups` and a ``LambdaLR`` following :func:`lr_factor`.
 
     Args:
-        model: the MoLoRA model (not yet wrapped by accelerate).
+        model: the MoLoRA model (not yet wrapped by accelerate; a sharded one keeps its names).
         t: the ``train`` section (learning rates, weight decay, warm-up, schedule).
 
     Returns:
         ``(optimizer, scheduler)``; the scheduler is meant to be stepped once per optimizer step.
     """
-    groups = param_groups(
-        model, lr=t.lr, router_lr=t.router_lr, loraplus_lr_ratio=t.loraplus_lr_ratio, weight_decay=t.weight_decay
+    groups = get_optimizer_param_groups(
+        model,
+        t.lr,
+        router_lr_ratio=t.router_lr_ratio,  # None: the router kind's default (molora.core.recipes)
+        router_lr=t.router_lr,  # an explicit router lr wins over the ratio
+        loraplus_lr_ratio=t.loraplus_lr_ratio,
+        weight_decay=t.weight_decay,
     )
     optimizer = torch.optim.AdamW(groups)
     # `warmup` is a step count (int) or a fraction of max_steps (float < 1)

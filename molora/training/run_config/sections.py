@@ -142,7 +142,11 @@ class TrainSection:
     Attributes:
         output_dir: the run folder (metrics, checkpoints, final adapter, exports).
         lr: AdamW learning rate of the experts' A (and of everything not listed below).
-        router_lr: learning rate of the routers (default ``lr``).
+        router_lr_ratio: router lr = ratio * ``lr``. Default (null): the router kind's
+            default, :data:`molora.core.recipes.ROUTER_LR_RATIO` (task 20, soft/topk/topp 5):
+            a router at the experts' lr barely leaves uniform routing (DESIGN §5).
+        router_lr: an absolute learning rate of the routers; when set, it wins over
+            ``router_lr_ratio`` (default null).
         loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): lr of the B matrices = ratio * lr.
         weight_decay: AdamW weight decay (routers excluded).
         batch_size: examples per device per micro-batch.
@@ -178,6 +182,7 @@ class TrainSection:
 
     output_dir: str = "runs/molora"
     lr: float = 2e-4
+    router_lr_ratio: float | None = None
     router_lr: float | None = None
     loraplus_lr_ratio: float | None = None
     weight_decay: float = 0.0

@@ -205,7 +205,7 @@ def _check_data(data: DataSection, model: ModelSection, problems: list[str]) -> 
 def _check_train(t: TrainSection, problems: list[str]) -> None:
     if not (math.isfinite(t.lr) and t.lr > 0):
         problems.append(f"'train.lr' must be a number > 0, got {t.lr!r}")
-    for key in ("router_lr", "loraplus_lr_ratio", "max_grad_norm"):
+    for key in ("router_lr_ratio", "router_lr", "loraplus_lr_ratio", "max_grad_norm"):
         value = getattr(t, key)
         if value is not None and not (math.isfinite(value) and value > 0):
             problems.append(f"'train.{key}' must be a number > 0 or null, got {value!r}")
