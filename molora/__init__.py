@@ -24,6 +24,7 @@ __all__ = [
     "MoLoRAConfig",
     "MoLoRALinear",
     "MoLoRAModel",
+    "RoutingHealthCallback",
     "__version__",
     "create_molora_optimizer",
     "get_molora_model",
@@ -32,3 +33,14 @@ __all__ = [
     "measure_gates",
     "router_z_loss",
 ]
+
+
+def __getattr__(name: str):
+    # RoutingHealthCallback subclasses transformers' TrainerCallback, whose import pulls in the
+    # Trainer machinery: paid on first use, not by every `import molora`.
+    if name == "RoutingHealthCallback":
+        from molora.training.health import RoutingHealthCallback
+
+        globals()[name] = RoutingHealthCallback
+        return RoutingHealthCallback
+    raise AttributeError(f"module 'molora' has no attribute {name!r}")

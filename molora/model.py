@@ -253,13 +253,23 @@ class MoLoRAModel(nn.Module):
         self._stats: dict[str, dict[str, torch.Tensor]] = {}
 
     @torch.no_grad()
-    def _update_routing_stats(self) -> None:
-        """Accumulate each layer's load and gates on the device (masks multiply: no sync)."""
+    def _update_routing_stats(self, stats: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        """Accumulate each layer's load, gates and gate entropy on the device (masks multiply: no sync)."""
         cfg = self.molora_config
         num_tasks = cfg.num_tasks or (len(cfg.task_names) if cfg.task_names else None)
-        for name, routing in self._routings():
-            stats = self._stats.setdefault(name, {})
-            accumulate(stats, routing.weights, self._layer_mask(routing.num_tokens), self.routing_context.task_ids, num_tasks)
+        stats = self._stats if stats is None else stats
+        for name, r in self._routings():
+            probs = torch.softmax(r.logits.float(), dim=-1)  # (T, N)
+            mask = self._layer_mask(r.num_tokens)
+            accumulate(stats.setdefault(name, {}), r.weights, mask, self.routing_context.task_ids, num_tasks, probs)
+
+    def last_routing_report(self) -> dict[str, Any]:
+        """:meth:`routing_report` of the latest forward only (each layer's ``last_routing``),
+        whatever ``track_routing_stats`` says: what a training loop reads at log time, with no
+        cost in the forward."""
+        stats: dict[str, dict[str, torch.Tensor]] = {}
+        self._update_routing_stats(stats)
+        return routing_report(stats, self.molora_config.task_names)
 
     def routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per-layer expert load over the forwards since the last ``reset_routing_stats()``.
@@ -267,7 +277,9 @@ class MoLoRAModel(nn.Module):
         Returns:
             {layer name: {"load": (N,) fraction of real tokens routed to each expert (sums
             to k), "gates": (N,) mean gate weight per expert (sums to 1), "tokens": count,
-            "experts_per_token": mean number of experts per real token (k; varies with top-p)}}.
+            "experts_per_token": mean number of experts per real token (k; varies with top-p),
+            "entropy", "max_gate": mean normalized entropy and mean largest value of the
+            router's probabilities (1 and 1/N for uniform routing)}}.
         """
         out = {}
         for name, s in self._stats.items():
@@ -277,6 +289,8 @@ class MoLoRAModel(nn.Module):
                 "gates": (s["gates"] / tokens).cpu(),
                 "tokens": int(s["tokens"]),
                 "experts_per_token": float(s["load"].sum() / tokens),
+                "entropy": float(s["entropy"] / tokens),
+                "max_gate": float(s["max_gate"] / tokens),
             }
         return out
 

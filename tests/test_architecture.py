@@ -22,6 +22,7 @@ PUBLIC_API = {
     "MoLoRAConfig",
     "MoLoRALinear",
     "MoLoRAModel",
+    "RoutingHealthCallback",
     "__version__",
     "create_molora_optimizer",
     "get_molora_model",
@@ -83,6 +84,7 @@ def test_files_and_functions_stay_small():
 
 def test_package_root_exports_the_public_api_and_nothing_else():
     assert set(molora.__all__) == PUBLIC_API
+    assert all(getattr(molora, name) is not None for name in PUBLIC_API)  # lazy names resolve (and get cached)
     public = {name for name in vars(molora) if not name.startswith("_")}
     # subpackages appear as attributes once imported; they are reached by their dotted names
     subpackages = {name for name in public if isinstance(getattr(molora, name), type(sys))}

@@ -51,7 +51,7 @@ def evaluate(accelerator, model, loaders: dict[str, DataLoader], *, causal: bool
 
     Returns:
         ``{"tasks": {task: {"loss", "accuracy", "examples", "tokens"}}, "routing": {task:
-        {layer: {"load": [N], "gates": [N], "tokens": int}}}}``.
+        {layer: {"load": [N], "gates": [N], "tokens": int, "entropy", "max_gate"}}}}``.
     """
     inner: MoLoRAModel = accelerator.unwrap_model(model)
     was_training = model.training
@@ -85,19 +85,21 @@ def evaluate(accelerator, model, loaders: dict[str, DataLoader], *, causal: bool
 
 
 def _reduce_routing(accelerator, stats: dict[str, dict]) -> dict[str, dict]:
-    """Sum token counts and token-weighted loads over processes; back to fractions."""
+    """Sum token counts and token-weighted loads, gates, entropy and max gate over processes; back to means."""
     out = {}
     for layer, s in stats.items():
         tokens = torch.tensor([float(s["tokens"])], dtype=torch.float64)
-        packed = torch.cat([tokens, s["load"].double() * s["tokens"], s["gates"].double() * s["tokens"]]).to(
-            accelerator.device
-        )
+        means = torch.tensor([s["entropy"], s["max_gate"]], dtype=torch.float64)
+        parts = [tokens, s["load"].double(), s["gates"].double(), means]
+        packed = torch.cat([tokens] + [p * s["tokens"] for p in parts[1:]]).to(accelerator.device)
         packed = accelerator.reduce(packed, reduction="sum").cpu()
         n = len(s["load"])
         total = max(packed[0].item(), 1.0)
         out[layer] = {
             "load": (packed[1 : 1 + n] / total).tolist(),
-            "gates": (packed[1 + n :] / total).tolist(),
+            "gates": (packed[1 + n : 1 + 2 * n] / total).tolist(),
             "tokens": int(packed[0].item()),
+            "entropy": packed[1 + 2 * n].item() / total,
+            "max_gate": packed[2 + 2 * n].item() / total,
         }
     return out

@@ -8,8 +8,10 @@ cosine/linear/constant schedule, gradient accumulation and mixed precision. It w
 ``train.output_dir`` (names in :mod:`molora.training.run_dir`):
 
 - ``run_config.yaml``: the resolved config.
-- ``metrics.jsonl``: train and eval records (:mod:`molora.training.metrics`; eval as
-  :func:`molora.training.evaluation.evaluate` returns it).
+- ``metrics.jsonl``: train, routing-health and eval records (:mod:`molora.training.metrics`;
+  eval as :func:`molora.training.evaluation.evaluate` returns it; routing health as
+  :func:`molora.training.health.health_record`, which also warns once when routing stays
+  uniform or collapses).
 - ``checkpoints/step_XXXXXXX/`` (:mod:`molora.training.checkpoints`). ``resume=True``
   continues from the newest one (the same losses as an uninterrupted run: the data order is
   a function of the seed and the number of batches consumed).
@@ -32,13 +34,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from molora.atomic import atomic_write_text
+from molora.core.routing_health import RoutingHealthMonitor
 from molora.inject import find_target_modules
+from molora.merge.from_peft import freeze_experts
 from molora.model import MoLoRAModel, get_molora_model
 from molora.training.base_model import check_vocab, keep_base_with_run, load_base_model, prepare_quantized_base
 from molora.training.checkpoints import load_checkpoint_model, load_training_state, save_adapter, save_checkpoint
 from molora.training.data import MultitaskCollator
 from molora.training.distributed import check_launcher, is_sharded, make_accelerator, no_sync, shard_model
 from molora.training.evaluation import evaluate
+from molora.training.health import TRAIN_HINT, health_record
 from molora.training.export import export_per_task
 from molora.training.loaders import build_datasets, build_loaders, check_files
 from molora.training.metrics import MetricsLog
@@ -65,6 +70,7 @@ class _Run:
     train_loader: DataLoader
     eval_loaders: dict[str, DataLoader]
     log: MetricsLog | None = None
+    health: RoutingHealthMonitor | None = None  # routing-health warnings (main process)
     step: int = 0  # optimizer steps taken
     micro: int = 0  # micro-batches consumed (the data position)
     started: float = 0.0
@@ -134,8 +140,14 @@ def _build_model(config: RunConfig, tokenizer, output_dir: Path, *, ckpt: Path |
     if config.model.from_config is not None:
         base = keep_base_with_run(base, output_dir, resuming=ckpt is not None, main=main)
     base = prepare_quantized_base(base, config)  # QLoRA (model.quantization), else unchanged
+    adapters = config.model.from_adapters
     if ckpt is not None:
         model = load_checkpoint_model(base, ckpt, config.molora)
+        if adapters is not None and config.model.freeze_experts:
+            freeze_experts(model)  # as the interrupted run: its optimizer holds no expert state
+    elif adapters is not None:
+        paths = [adapters[t] for t in config.data.tasks] if isinstance(adapters, dict) else adapters
+        model = MoLoRAModel.from_lora_adapters(base, paths, config.molora, freeze_experts=config.model.freeze_experts)
     else:
         model = get_molora_model(base, config.molora)
     model.track_routing_stats = False  # only eval collects routing statistics
@@ -192,6 +204,8 @@ def _restore(run: _Run, ckpt: Path | None) -> None:
         )
     keep_until = run.step if ckpt is not None else None
     run.log = MetricsLog(run.output_dir / METRICS, run.accelerator.is_main_process, keep_until=keep_until)
+    router = run.config.molora.router
+    run.health = RoutingHealthMonitor(t.max_steps, router=router, hint=TRAIN_HINT)
 
 
 def _batches(run: _Run):
@@ -307,6 +321,8 @@ def _log_train(run: _Run, window: torch.Tensor, window_steps: int, lrs: dict[str
             "time": time.time() - run.started,
         }
     )
+    if run.accelerator.is_main_process:  # from the last micro-batch's routing: nothing extra in the forward
+        run.log.write(health_record(run.inner, run.step, run.health))
 
 
 def _run_eval(run: _Run) -> dict[str, Any] | None:

@@ -1,7 +1,9 @@
 """The metrics log of a training run, ``metrics.jsonl``: one JSON object per line,
 ``{"type": "train", "step", "loss", "aux_loss", "lr_<group>", "epoch", "time"}`` and
 ``{"type": "eval", "step", "tasks": {task: {"loss", "accuracy", "examples", "tokens"}},
-"routing": {task: {layer: {"load": [N], "gates": [N], "tokens"}}}}``.
+"routing": {task: {layer: {"load": [N], "gates": [N], "tokens", "entropy", "max_gate"}}}}``,
+and at each log step ``{"type": "routing_health", "step", "layers": {layer: {"all": {...},
+"tasks": {task: {...}}}}, "summary": {...}}`` (:mod:`molora.routing_health`).
 
 A run killed while appending leaves a partial last line: :func:`read_metrics` drops it (and
 ``--resume`` rewrites the log without it); a bad line anywhere else is an error naming it.

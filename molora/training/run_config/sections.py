@@ -72,6 +72,14 @@ class ModelSection:
             then prepare it as PEFT's ``prepare_model_for_kbit_training``. A ``from_config``
             base is built, kept in the run folder, and reloaded quantized. Needs
             ``pip install 'molora[qlora]'``.
+        from_adapters: start the experts from existing PEFT LoRA adapters of this base model
+            (``MoLoRAModel.from_lora_adapters``): a list of adapter folders (expert i = entry
+            i), or ``{task name: folder}`` with one entry per ``data.tasks`` name (expert i =
+            the adapter of task i, in data.tasks order; with ``molora.router: task`` task i
+            then starts routed to its own adapter). ``molora.num_experts`` must equal the
+            number of adapters. Relative paths resolve against the YAML file's folder.
+        freeze_experts: with ``from_adapters``: keep the adapters' weights (only routers,
+            shared experts and modules_to_save train; default true), or train them too (false).
     """
 
     name_or_path: str | None = None
@@ -84,6 +92,8 @@ class ModelSection:
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
     quantization: dict | None = None
+    from_adapters: list[str] | dict[str, str] | None = None
+    freeze_experts: bool = True
 
 
 @dataclass

@@ -60,6 +60,8 @@ def build_run_config(raw: dict[str, Any], *, overridden: set[str], base_dir: Pat
     model = to_dataclass(ModelSection, sections["model"], "model", problems)
     train = to_dataclass(TrainSection, sections["train"], "train", problems)
     data = _build_data(sections["data"], problems, overridden=overridden, base_dir=base_dir)
+    if model is not None:
+        _resolve_adapters(model, overridden=overridden, base_dir=base_dir)
     molora = _build_molora(_infer_tasks(sections["molora"], data), problems)
     if not problems:
         _check_model(model, problems)
@@ -142,6 +144,36 @@ def _build_data(
     if data.cache_dir is not None and not _overridden("data.cache_dir", overridden):
         data.cache_dir = _resolve(data.cache_dir, base_dir)
     return data
+
+
+def _resolve_adapters(model: ModelSection, *, overridden: set[str], base_dir: Path) -> None:
+    """``model.from_adapters`` folders resolved like data paths (CLI overrides: against the cwd)."""
+    def base(key: str) -> Path:
+        return Path.cwd() if _overridden(key, overridden) else base_dir
+
+    if isinstance(model.from_adapters, list):
+        model.from_adapters = [_resolve(p, base("model.from_adapters")) for p in model.from_adapters]
+    elif isinstance(model.from_adapters, dict):
+        model.from_adapters = {
+            k: _resolve(p, base(f"model.from_adapters.{k}")) for k, p in model.from_adapters.items()
+        }
+
+
+def _check_adapters(model: ModelSection, molora: MoLoRAConfig, data: DataSection, problems: list[str]) -> None:
+    adapters = model.from_adapters
+    if adapters is None:
+        return
+    tasks = list(data.tasks)
+    if isinstance(adapters, dict) and sorted(adapters) != sorted(tasks):
+        problems.append(
+            f"'model.from_adapters' as a mapping needs one adapter per data.tasks name {tasks}, got keys {list(adapters)}"
+        )
+    if len(adapters) != molora.num_experts:
+        problems.append(
+            f"'molora.num_experts' must equal the number of model.from_adapters ({len(adapters)}), got {molora.num_experts}"
+        )
+    if not adapters:
+        problems.append("'model.from_adapters' must name at least one adapter folder, or be null")
 
 
 def _check_model(model: ModelSection, problems: list[str]) -> None:
@@ -233,6 +265,7 @@ def _check_train(t: TrainSection, problems: list[str]) -> None:
 
 
 def _check_cross(model: ModelSection, molora: MoLoRAConfig, data: DataSection, problems: list[str]) -> None:
+    _check_adapters(model, molora, data, problems)
     n_tasks = len(data.tasks)
     if molora.router == "task" and molora.num_tasks != n_tasks:
         problems.append(
