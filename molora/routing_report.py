@@ -188,7 +188,7 @@ def plot_routing(report: Mapping[str, Any], path: str | os.PathLike, title: str 
         ax.set_yticks(range(len(layers)), layers if ax is axes[0][0] else [""] * len(layers), fontsize=6)
     label = "gate mass per expert" if key == "gates" else "load (share of tokens)"
     fig.colorbar(image, ax=axes[0].tolist(), label=f"{label}; white = uniform")
-    fig.suptitle(title or f"{label} per layer and task")
+    fig.suptitle(title or f"{label} per layer and task", y=1.04)
     path = Path(path)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

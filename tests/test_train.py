@@ -273,7 +273,7 @@ def test_inspect_prints_summary_and_writes_plots(tiny_run, capsys):
         (tiny_run / name).unlink(missing_ok=True)
     assert main(["inspect", str(tiny_run)]) == 0
     out = capsys.readouterr().out
-    assert "eval at step 6" in out and "reverse" in out and "sort" in out and "load balance" in out
+    assert "eval at step 6" in out and "reverse" in out and "sort" in out and "gate entropy" in out
     for name in ("routing.png", "metrics.png"):
         assert (tiny_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["inspect", str(tiny_run), "--step", "3", "--no-plots"]) == 0

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from molora.routing_report import heatmap_norm
+
 __all__ = [
     "DENSE_ROUTERS",
     "plot_gate_grid",
@@ -104,20 +106,24 @@ def plot_routing(
     layers = list(routing[tasks[0]])
     n_exp = len(routing[tasks[0]][layers[0]][key])
     grids = [np.array([routing[t][layer][key] for layer in layers]) for t in tasks]  # (L, N) per task
-    vmax = max(float(g.max()) for g in grids) or 1.0
+    # a fixed [0, 1] scale, white at uniform routing (1/N of the gate mass, k/N of the load):
+    # scaled to the data's own range, gates of 0.24..0.26 would look as specialized as 0..1
+    first = routing[tasks[0]][layers[0]]
+    center = 1.0 / n_exp if key == "gates" else first.get("experts_per_token", sum(first["load"])) / n_exp
+    norm = heatmap_norm(n_exp, center)
     height = min(2 + 0.22 * len(layers), 40)
     fig, axes = plt.subplots(
         1, len(tasks), figsize=(1.2 + (0.45 * n_exp + 0.8) * len(tasks) + 2.5, height), squeeze=False, sharey=True
     )
     image = None
     for ax, task, grid in zip(axes[0], tasks, grids):
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("expert")
         ax.set_xticks(range(n_exp))
     axes[0][0].set_yticks(range(len(layers)))
     axes[0][0].set_yticklabels([short_layer_name(layer) for layer in layers], fontsize=6)
-    fig.colorbar(image, ax=axes[0].tolist(), label=label)
+    fig.colorbar(image, ax=axes[0].tolist(), label=f"{label} (white: uniform routing)")
     fig.suptitle(title or f"{label} per task and layer")
     return _save(fig, plt, path)
 

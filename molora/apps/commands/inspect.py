@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,13 +42,25 @@ def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return read_metrics(path)
 
 
-def _entropy(load: list[float]) -> float:
-    """Normalized entropy of a load vector (1 = perfectly balanced)."""
-    total = sum(load)
-    if total <= 0 or len(load) < 2:
-        return float("nan")
-    p = [x / total for x in load if x > 0]
-    return -sum(x * math.log(x) for x in p) / math.log(len(load))
+def _routing_text(routing: dict[str, Any]) -> str:
+    """Specialization of one task's routing, means over layers: the gate entropy and max gate
+    (what a dense router's load cannot show), and for sparse routers the load's CV."""
+    from molora.core.routing_health import row_health
+
+    rows = [row_health(row) for row in routing.values() if row.get("tokens", 1) > 0]
+    if not rows:
+        return ""
+    parts = []
+    known = [r for r in rows if r["entropy"] is not None]
+    if known:
+        parts.append(f"gate entropy {sum(r['entropy'] for r in known) / len(known):.3f}")
+        parts.append(f"max gate {sum(r['max_gate'] for r in known) / len(known):.3f}")
+    if not rows[0]["dense"]:
+        parts.append(f"load cv {sum(r['usage_cv'] for r in rows) / len(rows):.3f}")
+    else:
+        mass = [sum(r["usage"][i] for r in rows) / len(rows) for i in range(len(rows[0]["usage"]))]
+        parts.append("gate mass " + "/".join(f"{m:.2f}" for m in mass))
+    return ", " + ", ".join(parts)
 
 
 def summarize(run_dir: Path, records: list[dict[str, Any]], eval_record: dict[str, Any] | None) -> str:
@@ -80,15 +91,21 @@ def summarize(run_dir: Path, records: list[dict[str, Any]], eval_record: dict[st
     if eval_record is not None:
         lines.append(f"  eval at step {eval_record['step']}:")
         width = max(len(t) for t in eval_record["tasks"])
+        n = None
         for task, m in eval_record["tasks"].items():
             routing = eval_record.get("routing", {}).get(task, {})
-            ent = [_entropy(v["load"]) for v in routing.values()]
-            ent = [e for e in ent if not math.isnan(e)]
-            balance = f", load balance {sum(ent) / len(ent):.3f}" if ent else ""
+            n = n or next((len(v["load"]) for v in routing.values()), None)
             lines.append(
-                f"    {task:<{width}}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  ({m['examples']} examples{balance})"
+                f"    {task:<{width}}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  "
+                f"({m['examples']} examples{_routing_text(routing)})"
             )
-        lines.append("    (load balance: mean over layers of the normalized entropy of expert load, 1 = uniform)")
+        if n:
+            lines.append(
+                "    (means over layers. gate entropy: normalized entropy of the router's probabilities, 1 = uniform "
+                f"routing, 0 = one expert; max gate: mean largest gate, uniform = 1/N = {1 / n:.3f}; gate mass: share "
+                "of the gate weight per expert (dense routers, whose load is always 1); load cv: coefficient of "
+                "variation of the expert load (sparse routers, 0 = balanced))"
+            )
     else:
         lines.append("  no evaluation recorded")
     return "\n".join(lines)
