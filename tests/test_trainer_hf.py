@@ -145,3 +145,22 @@ def test_router_losses_keep_their_weight_per_optimizer_step_under_accumulation(t
     four = _router_grads_of_first_step(tmp_path / "b", accumulation=4, batch=2)
     for g1, g4 in zip(one, four):
         torch.testing.assert_close(g4, g1, rtol=1e-4, atol=1e-7)
+
+
+def test_readme_trainer_block_runs_with_router_lr_and_health_callback(tmp_path, monkeypatch):
+    """The README's `Trainer(optimizers=...)` block, as written: the router gets 20x lr (task
+    router default), LoRA+ 4x on B, and the callback adds routing health to the logs."""
+    import re
+
+    from conftest import REPO_ROOT
+
+    blocks = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), flags=re.S)
+    (block,) = [b for b in blocks if "create_molora_optimizer" in b]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    optimizer, trainer = scope["optimizer"], scope["trainer"]
+    lrs = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
+    assert lrs == pytest.approx({"base": 2e-3, "lora_B": 8e-3, "router": 4e-2})
+    logged = [log for log in trainer.state.log_history if "routing/entropy" in log]
+    assert [log["step"] for log in logged] == [4, 8] and all(0 < log["routing/entropy"] <= 1 for log in logged)
