@@ -193,3 +193,30 @@ def test_task_router_from_one_adapter_per_task_starts_as_that_adapter(tmp_path):
     torch.testing.assert_close(torch.softmax(layer.router.table, -1).diagonal(), torch.full((3,), 0.9))
     with pytest.raises(ValueError, match=r"`identity_gate` must be None or in \(1/num_experts, 1\)"):
         MoLoRAModel.from_lora_adapters(copy.deepcopy(base), paths, cfg, identity_gate=1.0)
+
+
+def test_molora_train_starts_from_one_adapter_per_task(tmp_path):
+    """`model.from_adapters: {task: folder}` in a run config: a second run built from the first
+    run's per-task exports evaluates as the first run did (task i is adapter i), and only its
+    router trains (`model.freeze_experts` defaults to true)."""
+    from conftest import TINY_CONFIG, tiny_run_overrides
+
+    from molora.cli import main
+
+    common = {"molora.router": "task", "molora.top_k": "null", "molora.num_experts": 2, "train.max_steps": 1}
+    common |= {"train.eval_every": 0, "train.save_every": 0, "train.max_eval_batches": 1}
+    assert main(["train", str(TINY_CONFIG), *tiny_run_overrides(tmp_path, "first", common)]) == 0
+    first = tmp_path / "first"
+    second = {**common, "model.from_config": "null", "model.name_or_path": str(first / "base_model")}
+    second |= {f"model.from_adapters.{t}": str(first / "export" / t) for t in ("reverse", "sort")}
+    second |= {"molora.r": 8, "train.export": "false"}  # the exports are rank 2 x 4 ("cat" of 2 experts)
+    assert main(["train", str(TINY_CONFIG), *tiny_run_overrides(tmp_path, "second", second)]) == 0
+
+    def records(run, kind):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+    before, after = records("first", "eval")[-1]["tasks"], records("second", "eval")[-1]["tasks"]
+    for task in ("reverse", "sort"):
+        assert after[task]["loss"] == pytest.approx(before[task]["loss"], rel=1e-4), task
+    assert [k for k in records("second", "train")[-1] if k.startswith("lr_")] == ["lr_router"]  # frozen experts

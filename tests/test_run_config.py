@@ -99,6 +99,10 @@ def test_unknown_key_names_it_and_lists_known(tiny_config_path):
         ("data.mixing=random", r"'data\.mixing' must be one of \['equal', 'size', 'temperature'\], got 'random'"),
         ("model.task_type=seq2seq", r"'model\.task_type' must be one of"),
         ("molora.num_tasks=0", r"`num_tasks` must be an int >= 1"),
+        ("train.router_lr_ratio=0", r"'train\.router_lr_ratio' must be a number > 0 or null, got 0"),
+        ("model.from_adapters=[a, b]", r"'molora\.num_experts' must equal the number of model\.from_adapters \(2\), got 4"),
+        ("model.from_adapters={reverse: a, other: b}", r"'model\.from_adapters' as a mapping needs one adapter per data\.tasks name \['reverse', 'sort'\]"),
+        ("model.from_adapters=3", r"'model\.from_adapters' must be"),
     ],
 )
 def test_bad_values_name_key_and_value(tiny_config_path, override, pattern):
@@ -204,3 +208,17 @@ def test_task_shorthand_takes_nested_overrides(tmp_path):
     assert config.data.tasks["a"].train == str(tmp_path / "a.jsonl")
     assert config.data.tasks["a"].eval == str(Path.cwd() / "ae.jsonl")
     assert config.data.tasks["b"].eval is None
+
+
+def test_router_defaults_resolve_per_router_kind(tiny_config_path, tmp_path, monkeypatch):
+    """No router lr and no balancing coefficient of the user's own: null in the resolved config
+    (the optimizer applies the router kind's ratio) and the kind's coefficient in `molora`."""
+    from molora.core.recipes import AUX_LOSS_COEF
+
+    config = load_run_config(tiny_config_path, ["molora.router=task", "molora.top_k=null"])
+    assert config.train.router_lr is None and config.train.router_lr_ratio is None
+    assert config.molora.router_aux_loss_coef == AUX_LOSS_COEF["task"] == 0.0
+    assert load_run_config(tiny_config_path).molora.router_aux_loss_coef == AUX_LOSS_COEF["topk"]
+    monkeypatch.chdir(tmp_path)
+    adapters = load_run_config(tiny_config_path, ["molora.num_experts=2", "model.from_adapters=[a, b]"]).model.from_adapters
+    assert adapters == [str(tmp_path / "a"), str(tmp_path / "b")]  # from the command line: relative to the cwd
