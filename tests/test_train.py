@@ -15,6 +15,7 @@ from conftest import TINY_CONFIG, tiny_run_overrides
 from tiny_models import tiny_llama
 
 from molora.cli import main
+from molora.core.recipes import ROUTER_LR_RATIO
 from molora.training.optim import lr_factor
 from molora.training.tokenizer import build_byte_tokenizer
 
@@ -66,9 +67,13 @@ def test_tiny_run_writes_checkpoints_final_adapter_and_metrics(tiny_run):
     train = _records(tiny_run, "train")
     assert [r["step"] for r in train] == list(range(1, MAX_STEPS + 1))
     assert all(math.isfinite(r["loss"]) for r in train)
-    # LoRA+ and the router learning rate: separate groups, in the configured ratios
+    # LoRA+ and the router learning rate: separate groups; the router at its kind's default ratio
     r = train[-1]
-    assert r["lr_lora_B"] == pytest.approx(4 * r["lr_base"]) and r["lr_router"] == pytest.approx(2 * r["lr_base"])
+    assert r["lr_lora_B"] == pytest.approx(4 * r["lr_base"])
+    assert r["lr_router"] == pytest.approx(ROUTER_LR_RATIO["topk"] * r["lr_base"])
+    health = _records(tiny_run, "routing_health")
+    assert [h["step"] for h in health] == list(range(1, MAX_STEPS + 1))
+    assert {"entropy", "max_gate", "usage_cv", "dead_experts"} <= set(health[-1]["summary"])
 
 
 def test_eval_reports_per_task_loss_accuracy_and_routing(tiny_run):

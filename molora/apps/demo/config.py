@@ -31,12 +31,12 @@ class DemoConfig:
         top_k: experts per token of the top-k router.
         task_top_k: experts per task of the task router (None: a softmax over all N).
         router_init_std: std of the routers' normal init.
-        task_router_lr_mult: learning-rate multiplier of the task router's gate table (a
-            separate gate learning rate: the table has tasks x N entries per layer, gets one
-            gradient per batch, and barely moves from uniform at the adapters' lr within the
-            demo's steps). The top-k router's token gates (N x hidden per layer, a gradient
-            from every token) train at the adapters' lr: 20x made them jumpy (seed 0: mean
-            accuracy 0.766 instead of 0.791).
+        router_lr_ratio: router lr = ratio x lr for every MoLoRA model; None (default): the
+            router kind's default (:data:`molora.core.recipes.ROUTER_LR_RATIO`), as ``molora
+            train`` and ``molora.get_optimizer_param_groups``. (Before those defaults the demo
+            used 20x for the task router's table, which barely moves from uniform at the
+            adapters' lr, and 1x for the top-k gates: 20x made them jumpy, seed 0 mean
+            accuracy 0.766 instead of 0.791.)
         router_aux_loss_coef: load-balancing loss weight of the top-k model (the task
             router has none: balancing would push each task off its own experts).
         steps: optimizer steps per model (one task's batch per step, tasks in turn).
@@ -59,7 +59,7 @@ class DemoConfig:
     top_k: int = 2
     task_top_k: int | None = None
     router_init_std: float = 0.02
-    task_router_lr_mult: float = 20.0
+    router_lr_ratio: float | None = None
     router_aux_loss_coef: float = 0.01
     steps: int = 150
     batch_size: int = 32
@@ -92,7 +92,9 @@ class DemoConfig:
             problems.append(
                 f"`task_top_k` must be None or in [1, num_experts={self.num_experts}], got {self.task_top_k}"
             )
-        for name in ("lora_alpha", "lr", "task_router_lr_mult"):
+        for name in ("lora_alpha", "lr", "router_lr_ratio"):
+            if name == "router_lr_ratio" and self.router_lr_ratio is None:
+                continue
             if not getattr(self, name) > 0:
                 problems.append(f"`{name}` must be > 0, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_ratio < 1:

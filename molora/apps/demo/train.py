@@ -1,7 +1,7 @@
 """Training and evaluation of one demo model: the same schedule, lr and steps for every model.
 
-AdamW with linear warm-up then linear decay; the task router's gate table gets
-``task_router_lr_mult`` times the lr; the top-k model adds its load-balancing loss. Evaluation
+AdamW with linear warm-up then linear decay; routers get ``router_lr_ratio`` times the lr (by
+default their router kind's ratio, :func:`molora.get_optimizer_param_groups`); the top-k model adds its load-balancing loss. Evaluation
 gives per-task test accuracy, the test logits and (MoLoRA) the per-task routing statistics.
 """
 
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from molora.apps.demo.config import DemoConfig
+from molora.core.param_groups import get_optimizer_param_groups
 from molora.apps.demo.data import TaskData, batches
 from molora.apps.demo.models import MODEL_DESCRIPTIONS, MultitaskClassifier, build_model, trainable_parameters
 
@@ -81,13 +82,8 @@ def train_and_evaluate(
 
 
 def _optimizer(model: MultitaskClassifier, cfg: DemoConfig):
-    """AdamW (the task router's gates at ``task_router_lr_mult`` x lr) and its warm-up/decay schedule."""
-    task_router = getattr(getattr(model.encoder, "molora_config", None), "router", None) == "task"
-    gates = [p for n, p in model.named_parameters() if p.requires_grad and task_router and ".router." in n]
-    others = [p for n, p in model.named_parameters() if p.requires_grad and not (task_router and ".router." in n)]
-    groups = [{"params": others}]
-    if gates:
-        groups.append({"params": gates, "lr": cfg.lr * cfg.task_router_lr_mult})
+    """AdamW (routers at ``router_lr_ratio`` x lr, as molora's public groups) and its warm-up/decay schedule."""
+    groups = get_optimizer_param_groups(model, cfg.lr, router_lr_ratio=cfg.router_lr_ratio, weight_decay=cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, round(cfg.warmup_ratio * cfg.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
