@@ -5,8 +5,9 @@ entropy, as a table and a PNG.
 ``tokens``, ``load`` (N,) (tokens routed to each expert), ``gates`` (N,) (summed gate
 weights), ``entropy`` and ``max_gate`` (summed per-token normalized entropy and largest value
 of the router's probabilities p = softmax(logits) over all N experts, the gates before any
-top-k: they say how specialized the routing is, for dense and sparse routers alike), and per task (when the number of tasks is known: ``config.num_tasks`` or
-``config.task_names``) the same as (num_tasks, N) rows. :func:`accumulate` does it without
+top-k: they say how specialized the routing is, for dense and sparse routers alike), and
+per task (when the number of tasks is known: ``config.num_tasks`` or ``config.task_names``)
+the same as (num_tasks, N) or (num_tasks,) rows. :func:`accumulate` does it without
 asking the device for a value (masks multiply, tasks are a one-hot matmul), so statistics
 stay on during compiled or graph-captured evaluation.
 
@@ -134,7 +135,8 @@ def format_routing(report: Mapping[str, Any]) -> str:
             cells = " ".join(f"{100 * v:>5.1f}%" for v in row[key])
             k_mean = row.get("experts_per_token", sum(row["load"]))
             ent = f"{row['entropy']:7.3f}  {row['max_gate']:8.3f}" if "entropy" in row else f"{'-':>7}  {'-':>8}"
-            lines.append(f"{layer if i == 0 else '':<{width}}  {task:<{tw}}  {cells}  {ent}  {row['tokens']:>6}  {k_mean:5.2f}")
+            name = layer if i == 0 else ""
+            lines.append(f"{name:<{width}}  {task:<{tw}}  {cells}  {ent}  {row['tokens']:>6}  {k_mean:5.2f}")
     if dense:
         lines.append(
             "(dense router: every token uses every expert, so the load is always 100%; shown instead: the gate mass, "

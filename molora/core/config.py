@@ -244,6 +244,8 @@ def _check_sizes(c: MoLoRAConfig) -> list[str]:
         errors.append(f"`lora_dropout` must be in [0, 1), got {c.lora_dropout!r}")
     for name in ("router_aux_loss_coef", "router_z_loss_coef"):
         value = getattr(c, name)
+        if value is None and name == "router_aux_loss_coef" and c.router not in ROUTERS:
+            continue  # left unresolved by an unknown router, which is reported on its own
         if not (_is_num(value) and value >= 0):
             errors.append(f"`{name}` must be a number >= 0, got {value!r}{_not_finite(value)}")
     if not (_is_num(c.router_jitter_noise) and 0 <= c.router_jitter_noise < 1):

@@ -75,8 +75,9 @@ def get_optimizer_param_groups(
             default router lr ratio (``model`` holds no MoLoRA model, or several router kinds).
     """
     _check_positive("lr", lr, allow_none=False)
-    for name, value in (("router_lr_ratio", router_lr_ratio), ("router_lr", router_lr), ("loraplus_lr_ratio", loraplus_lr_ratio)):
-        _check_positive(name, value)
+    _check_positive("router_lr_ratio", router_lr_ratio)
+    _check_positive("router_lr", router_lr)
+    _check_positive("loraplus_lr_ratio", loraplus_lr_ratio)
     if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"`weight_decay` must be a finite number >= 0, got {weight_decay!r}")
     groups: dict[str, list[nn.Parameter]] = {"base": [], "lora_B": [], "router": []}

@@ -1,7 +1,8 @@
 """Training and evaluation of one demo model: the same schedule, lr and steps for every model.
 
 AdamW with linear warm-up then linear decay; routers get ``router_lr_ratio`` times the lr (by
-default their router kind's ratio, :func:`molora.get_optimizer_param_groups`); the top-k model adds its load-balancing loss. Evaluation
+default their router kind's ratio, :func:`molora.get_optimizer_param_groups`); the top-k model
+adds its load-balancing loss. Evaluation
 gives per-task test accuracy, the test logits and (MoLoRA) the per-task routing statistics.
 """
 
@@ -83,7 +84,9 @@ def train_and_evaluate(
 
 def _optimizer(model: MultitaskClassifier, cfg: DemoConfig):
     """AdamW (routers at ``router_lr_ratio`` x lr, as molora's public groups) and its warm-up/decay schedule."""
-    groups = get_optimizer_param_groups(model, cfg.lr, router_lr_ratio=cfg.router_lr_ratio, weight_decay=cfg.weight_decay)
+    groups = get_optimizer_param_groups(
+        model, cfg.lr, router_lr_ratio=cfg.router_lr_ratio, weight_decay=cfg.weight_decay
+    )
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, round(cfg.warmup_ratio * cfg.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
