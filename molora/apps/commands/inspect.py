@@ -57,9 +57,8 @@ def _routing_text(routing: dict[str, Any]) -> str:
         parts.append(f"max gate {sum(r['max_gate'] for r in known) / len(known):.3f}")
     if not rows[0]["dense"]:
         parts.append(f"load cv {sum(r['usage_cv'] for r in rows) / len(rows):.3f}")
-    else:
-        mass = [sum(r["usage"][i] for r in rows) / len(rows) for i in range(len(rows[0]["usage"]))]
-        parts.append("gate mass " + "/".join(f"{m:.2f}" for m in mass))
+    else:  # per layer: experts differ between layers, so a mean of the gate mass per expert would look uniform
+        parts.append(f"top-expert gate mass {sum(max(r['usage']) for r in rows) / len(rows):.3f}")
     return ", " + ", ".join(parts)
 
 
@@ -102,8 +101,8 @@ def summarize(run_dir: Path, records: list[dict[str, Any]], eval_record: dict[st
         if n:
             lines.append(
                 "    (means over layers. gate entropy: normalized entropy of the router's probabilities, 1 = uniform "
-                f"routing, 0 = one expert; max gate: mean largest gate, uniform = 1/N = {1 / n:.3f}; gate mass: share "
-                "of the gate weight per expert (dense routers, whose load is always 1); load cv: coefficient of "
+                f"routing, 0 = one expert; max gate: mean largest gate, uniform = 1/N = {1 / n:.3f}; top-expert gate "
+                "mass: the largest expert's share of a layer's gate weight (dense routers, whose load is always 1); load cv: coefficient of "
                 "variation of the expert load (sparse routers, 0 = balanced))"
             )
     else:
