@@ -10,7 +10,7 @@ import tempfile
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from molora import MoLoRAConfig, MoLoRAModel, get_molora_model
+from molora import MoLoRAConfig, MoLoRAModel, create_molora_optimizer, get_molora_model
 
 
 def make_batch(task: int, batch: int = 8, length: int = 24) -> dict:
@@ -49,12 +49,13 @@ def main(steps: int = 80) -> float:
     model = get_molora_model(base, cfg)
     model.print_trainable_parameters()
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    # AdamW with the router at its own lr (for router="task": 20 x lr, molora/core/recipes.py)
+    optimizer = create_molora_optimizer(model, lr=2e-2)
     model.train()
     for step in range(steps):
         task = step % 2
         out = model(**make_batch(task))
-        out.loss.backward()  # includes router_aux_loss_coef * model.aux_loss()
+        out.loss.backward()  # + router_aux_loss_coef * model.aux_loss() (default for router="task": 0)
         optimizer.step()
         optimizer.zero_grad()
         if step % 10 == 0 or step == steps - 1:
