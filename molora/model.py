@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from molora.calls import batch_size, generation_expansion, with_signature
+from molora.calls import batch_size, generation_expansion, is_trl_fused_head, with_signature
 from molora.core.config import MoLoRAConfig
 from molora.core.layer import MoLoRALinear
 from molora.core.losses import load_balancing_loss, router_z_loss
@@ -63,6 +63,15 @@ class MoLoRAModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # TRL patches the forward of the model it trains with a fused LM head (as it patches a
+        # PEFT model's base): keep molora's forward outside and run the patch on the base model,
+        # where ``self.base_model`` is the decoder backbone it expects (see forward).
+        if name == "forward" and is_trl_fused_head(value, self):
+            self.__dict__["_fused_head"] = value.__func__
+            return
+        super().__setattr__(name, value)
+
     def molora_layers(self) -> dict[str, MoLoRALinear]:
         """{qualified name inside ``base_model``: MoLoRALinear}, in model order."""
         return {name: self.base_model.get_submodule(name) for name in self._layer_names}
@@ -103,12 +112,20 @@ class MoLoRAModel(nn.Module):
             ``num_items_in_batch`` (HF Trainer's loss over a whole gradient-accumulation
             window), the router terms are weighted by this micro-batch's share of the window's
             label tokens, so that they keep their configured weight per optimizer step.
+            With ``fused_lm_head=True`` (TRL's trainers), TRL's ``FusedCausalLMOutput``.
         """
         if labels is not None:
             kwargs["labels"] = labels
+        fused = kwargs.pop("fused_lm_head", False)
         self._set_routing(task_ids, batch_size(args, kwargs))
         self._token_mask = kwargs.get("attention_mask")
-        out = self.base_model(*args, **kwargs)
+        if fused:  # TRL's fused LM head (per-token log-probs), bound to the base model
+            head = self.__dict__.get("_fused_head")
+            if head is None:
+                raise ValueError("`fused_lm_head=True` needs TRL's add_fused_lm_head(model) first")
+            out = head(self.base_model, *args, fused_lm_head=True, **kwargs)
+        else:
+            out = self.base_model(*args, **kwargs)
         if self.track_routing_stats:
             self._update_routing_stats()
         loss = getattr(out, "loss", None) if not isinstance(out, tuple) else None
