@@ -77,7 +77,8 @@ def tokenize_chat(
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"rows with {messages_column!r} are rendered with the tokenizer's chat template, and this tokenizer "
-            "has none: set model.tokenizer to a chat (instruct) tokenizer, or give prompt/response rows"
+            "has none: set data.chat_template (a name such as chatml, llama3, zephyr, or a Jinja string), set "
+            "model.tokenizer to a chat (instruct) tokenizer, or give prompt/response rows"
         )
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
