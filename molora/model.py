@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import types
+import warnings
 from contextlib import contextmanager
 from typing import Any
 
@@ -124,6 +125,7 @@ class MoLoRAModel(nn.Module):
             if head is None:
                 raise ValueError("`fused_lm_head=True` needs TRL's add_fused_lm_head(model) first")
             out = head(self.base_model, *args, fused_lm_head=True, **kwargs)
+            self._warn_router_loss_outside_trl()
         else:
             out = self.base_model(*args, **kwargs)
         if self.track_routing_stats:
@@ -132,6 +134,18 @@ class MoLoRAModel(nn.Module):
         if loss is not None and self._router_loss_on():
             out.loss = loss + self._router_loss(kwargs).to(loss.dtype)
         return out
+
+    def _warn_router_loss_outside_trl(self) -> None:
+        """TRL's trainers compute their loss from per-token log-probs, never from ``out.loss``."""
+        if self._router_loss_on() and self.training and not self.__dict__.get("_trainer_adds_router_loss"):
+            if not self.__dict__.get("_warned_trl_router_loss"):
+                self.__dict__["_warned_trl_router_loss"] = True
+                warnings.warn(
+                    "TRL computes its loss from per-token log-probabilities and does not read out.loss, so the "
+                    "router losses (router_aux_loss_coef, router_z_loss_coef) are not trained: use "
+                    "molora.training.sft.MoLoRASFTTrainer for SFT, or set both coefficients to 0",
+                    stacklevel=3,
+                )
 
     def _router_loss_on(self) -> bool:
         cfg = self.molora_config

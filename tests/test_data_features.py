@@ -160,3 +160,20 @@ def test_a_jinja_chat_template_is_used_and_a_tokenizer_template_wins(tmp_path):
     assert tok.chat_template == jinja
     ds = tokenize_chat(Dataset.from_dict({"messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]}), tok)
     assert tok.decode([t for t in ds[0]["labels"] if t != IGNORE_INDEX]) == "a\n"
+
+
+def test_a_template_with_generation_blocks_is_masked_by_its_markers():
+    """A template that rewrites earlier turns (a turn count up front) is refused without markers,
+    and supervised by its {% generation %} blocks with them."""
+    tok = build_byte_tokenizer()
+    head = "{{ '[' + (messages | length | string) + ']' }}"
+    turn = "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'A: ' }}{0}{% else %}{{ 'U: ' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
+    gen = "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}"
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "r"}, {"role": "assistant", "content": "a2"}]
+    rows = Dataset.from_dict({"messages": [messages]})
+    tok.chat_template = head + turn.replace("{0}", "{{ m['content'] + '\\n' }}") + gen
+    with pytest.raises(ValueError, match="prefixes"):
+        tokenize_chat(rows, tok)
+    tok.chat_template = head + turn.replace("{0}", "{% generation %}{{ m['content'] + '\\n' }}{% endgeneration %}") + gen
+    ds = tokenize_chat(rows, tok)
+    assert tok.decode([t for t in ds[0]["labels"] if t != IGNORE_INDEX]) == "a1\na2\n"

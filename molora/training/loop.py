@@ -251,6 +251,7 @@ def _train_steps(run: _Run) -> None:
                 run.accelerator.print(f"step {run.step}/{t.max_steps} | loss {loss} | {speed} | {_lr_text(lrs)}")
         if t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps:
             run.last_eval = _run_eval(run)
+            run.logged_at = time.time()  # tokens/s counts training time only
         if t.save_every and (run.step % t.save_every == 0 or run.step == t.max_steps):  # the last step too: resumable
             save_checkpoint(
                 run.accelerator,

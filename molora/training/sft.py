@@ -39,6 +39,7 @@ class MoLoRASFTTrainer(SFTTrainer):
             raise TypeError(f"`model` must be a MoLoRAModel, got {type(model).__name__}")
         if data_collator is None and processing_class is not None:
             data_collator = MultitaskCollator.from_tokenizer(processing_class, padding_side="right")
+        model.__dict__["_trainer_adds_router_loss"] = True  # compute_loss adds them (no warning from the model)
         super().__init__(model, *args, data_collator=data_collator, processing_class=processing_class, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:

@@ -3,7 +3,8 @@ tokenizers that ship none (base models, molora's byte tokenizer).
 
 Assistant turns are found by rendering, not by markers (:func:`molora.training.data.chat.chat_labels`):
 a template needs no ``{% generation %}`` block, only renderings of a conversation's prefixes
-that are prefixes of its rendering, which these templates are.
+that are prefixes of its rendering, which these templates are. (A template that has such blocks
+is masked by them.)
 """
 
 from __future__ import annotations
