@@ -55,3 +55,24 @@ def with_signature(forward, base_model: nn.Module):
     params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
     func.__signature__ = inspect.Signature(params)
     return func
+
+
+def is_trl_fused_head(value: Any, model: nn.Module) -> bool:
+    """Whether ``value``, assigned to ``model.forward``, is TRL's fused LM head patch.
+
+    TRL's trainers (``SFTTrainer``, ``DPOTrainer``, ...) call ``trl.trainer.utils.add_fused_lm_head``
+    on the model they are given, unless it is a ``peft.PeftModel`` (then on its base model). The
+    patch replaces the model's ``forward`` with one that, called with ``fused_lm_head=True``, runs
+    ``self.base_model`` as the decoder backbone (``.last_hidden_state``) and projects through
+    ``self.get_output_embeddings()`` in tiles. On a wrapper whose ``base_model`` is the whole
+    causal LM, that fails (``CausalLMOutputWithPast`` has no ``last_hidden_state``) and would
+    skip the wrapper's own forward (routing context, router losses).
+    """
+    func = getattr(value, "__func__", None)
+    return (
+        getattr(value, "__self__", None) is model
+        and func is not None
+        and getattr(func, "__code__", None) is not None
+        and func.__code__.co_name == "_fused_forward"  # functools.wraps renamed it "forward"
+        and str(func.__globals__.get("__name__", "")).split(".")[0] == "trl"
+    )

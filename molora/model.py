@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import os
 import types
+import warnings
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from molora.calls import batch_size, generation_expansion, with_signature
+from molora.calls import batch_size, generation_expansion, is_trl_fused_head, with_signature
 from molora.core.config import MoLoRAConfig
 from molora.core.layer import MoLoRALinear
-from molora.core.losses import load_balancing_loss, router_z_loss
 from molora.core.routing import RoutingContext, checkpointable_blocks, replay_routing, validate_task_ids
 from molora.inject import inject_molora, unload_molora
 from molora.io import load_molora, save_molora
 from molora.merge import export, from_peft
-from molora.routing_report import accumulate, format_routing, plot_routing, routing_report
+from molora.routing_stats import RoutingStatsMixin
 
 
-class MoLoRAModel(nn.Module):
+class MoLoRAModel(RoutingStatsMixin, nn.Module):
     """A transformers (or any torch) model whose target linear layers carry LoRA experts.
 
     Build it with :func:`get_molora_model`. Like PEFT, building injects into the given model
@@ -63,6 +63,15 @@ class MoLoRAModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # TRL patches the forward of the model it trains with a fused LM head (as it patches a
+        # PEFT model's base): keep molora's forward outside and run the patch on the base model,
+        # where ``self.base_model`` is the decoder backbone it expects (see forward).
+        if name == "forward" and is_trl_fused_head(value, self):
+            self.__dict__["_fused_head"] = value.__func__
+            return
+        super().__setattr__(name, value)
+
     def molora_layers(self) -> dict[str, MoLoRALinear]:
         """{qualified name inside ``base_model``: MoLoRALinear}, in model order."""
         return {name: self.base_model.get_submodule(name) for name in self._layer_names}
@@ -103,18 +112,39 @@ class MoLoRAModel(nn.Module):
             ``num_items_in_batch`` (HF Trainer's loss over a whole gradient-accumulation
             window), the router terms are weighted by this micro-batch's share of the window's
             label tokens, so that they keep their configured weight per optimizer step.
+            With ``fused_lm_head=True`` (TRL's trainers), TRL's ``FusedCausalLMOutput``.
         """
         if labels is not None:
             kwargs["labels"] = labels
+        fused = kwargs.pop("fused_lm_head", False)
         self._set_routing(task_ids, batch_size(args, kwargs))
         self._token_mask = kwargs.get("attention_mask")
-        out = self.base_model(*args, **kwargs)
+        if fused:  # TRL's fused LM head (per-token log-probs), bound to the base model
+            head = self.__dict__.get("_fused_head")
+            if head is None:
+                raise ValueError("`fused_lm_head=True` needs TRL's add_fused_lm_head(model) first")
+            out = head(self.base_model, *args, fused_lm_head=True, **kwargs)
+            self._warn_router_loss_outside_trl()
+        else:
+            out = self.base_model(*args, **kwargs)
         if self.track_routing_stats:
             self._update_routing_stats()
         loss = getattr(out, "loss", None) if not isinstance(out, tuple) else None
         if loss is not None and self._router_loss_on():
             out.loss = loss + self._router_loss(kwargs).to(loss.dtype)
         return out
+
+    def _warn_router_loss_outside_trl(self) -> None:
+        """TRL's trainers compute their loss from per-token log-probs, never from ``out.loss``."""
+        if self._router_loss_on() and self.training and not self.__dict__.get("_trainer_adds_router_loss"):
+            if not self.__dict__.get("_warned_trl_router_loss"):
+                self.__dict__["_warned_trl_router_loss"] = True
+                warnings.warn(
+                    "TRL computes its loss from per-token log-probabilities and does not read out.loss, so the "
+                    "router losses (router_aux_loss_coef, router_z_loss_coef) are not trained: use "
+                    "molora.training.sft.MoLoRASFTTrainer for SFT, or set both coefficients to 0",
+                    stacklevel=3,
+                )
 
     def _router_loss_on(self) -> bool:
         cfg = self.molora_config
@@ -215,106 +245,6 @@ class MoLoRAModel(nn.Module):
         if hasattr(self.base_model, "enable_input_require_grads"):
             self.base_model.enable_input_require_grads()
         replay_routing(self._checkpoint_blocks, self.routing_context)
-
-    # ------------------------------------------------------------------ losses
-    def _layer_mask(self, num_tokens: int) -> torch.Tensor | None:
-        """(T,) non-padding mask aligned with a layer's T tokens, when it can be aligned."""
-        mask = self._token_mask
-        if mask is None or mask.dim() != 2:
-            return None
-        batch = mask.shape[0]
-        if num_tokens % batch or mask.shape[1] < num_tokens // batch:
-            return None
-        return mask[:, -(num_tokens // batch) :].reshape(-1)
-
-    def _routings(self):
-        """(name, last routing) of each router: a block's shared router (router_sharing="block")
-        counts once, under its first layer, in the losses and the statistics."""
-        for name, layer in self.molora_layers().items():
-            if layer.last_routing is not None and layer.owns_router:
-                yield name, layer.last_routing
-
-    def aux_loss(self) -> torch.Tensor:
-        """Mean over MoLoRA layers of the load-balancing loss of the last forward (DESIGN §5)."""
-        losses = [load_balancing_loss(r.logits, r.indices, self._layer_mask(r.num_tokens)) for _, r in self._routings()]
-        if not losses:
-            raise RuntimeError("aux_loss() needs a forward pass first")
-        return torch.stack(losses).mean()
-
-    def z_loss(self) -> torch.Tensor:
-        """Mean over MoLoRA layers of the router z-loss of the last forward (DESIGN §5)."""
-        losses = [router_z_loss(r.logits, self._layer_mask(r.num_tokens)) for _, r in self._routings()]
-        if not losses:
-            raise RuntimeError("z_loss() needs a forward pass first")
-        return torch.stack(losses).mean()
-
-    # ------------------------------------------------------------------ statistics
-    def reset_routing_stats(self) -> None:
-        self._stats: dict[str, dict[str, torch.Tensor]] = {}
-
-    @torch.no_grad()
-    def _update_routing_stats(self, stats: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
-        """Accumulate each layer's load, gates and gate entropy on the device (masks multiply: no sync)."""
-        cfg = self.molora_config
-        num_tasks = cfg.num_tasks or (len(cfg.task_names) if cfg.task_names else None)
-        stats = self._stats if stats is None else stats
-        for name, r in self._routings():
-            probs = torch.softmax(r.logits.float(), dim=-1)  # (T, N)
-            mask = self._layer_mask(r.num_tokens)
-            accumulate(stats.setdefault(name, {}), r.weights, mask, self.routing_context.task_ids, num_tasks, probs)
-
-    def last_routing_report(self) -> dict[str, Any]:
-        """:meth:`routing_report` of the latest forward only (each layer's ``last_routing``),
-        whatever ``track_routing_stats`` says: what a training loop reads at log time, with no
-        cost in the forward."""
-        stats: dict[str, dict[str, torch.Tensor]] = {}
-        self._update_routing_stats(stats)
-        return routing_report(stats, self.molora_config.task_names)
-
-    def routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Per-layer expert load over the forwards since the last ``reset_routing_stats()``.
-
-        Returns:
-            {layer name: {"load": (N,) fraction of real tokens routed to each expert (sums
-            to k), "gates": (N,) mean gate weight per expert (sums to 1), "tokens": count,
-            "experts_per_token": mean number of experts per real token (k; varies with top-p),
-            "entropy", "max_gate": mean normalized entropy and mean largest value of the
-            router's probabilities (1 and 1/N for uniform routing)}}.
-        """
-        out = {}
-        for name, s in self._stats.items():
-            tokens = s["tokens"].clamp(min=1)
-            out[name] = {
-                "load": (s["load"] / tokens).cpu(),
-                "gates": (s["gates"] / tokens).cpu(),
-                "tokens": int(s["tokens"]),
-                "experts_per_token": float(s["load"].sum() / tokens),
-                "entropy": float(s["entropy"] / tokens),
-                "max_gate": float(s["max_gate"] / tokens),
-            }
-        return out
-
-    def routing_report(self) -> dict[str, Any]:
-        """Per-layer expert load, pooled and per task, since the last ``reset_routing_stats()``.
-
-        Returns:
-            ``{layer: {"all": {"load", "gates", "tokens"}, "tasks": {task name: {...}}}}``
-            (see :func:`molora.routing_report.routing_report`); per-task rows need
-            ``task_ids`` in the forwards and ``config.num_tasks`` or ``config.task_names``.
-        """
-        return routing_report(self._stats, self.molora_config.task_names)
-
-    def print_routing(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        """Print the per-layer, per-task load table; with ``path``, also write it as a PNG
-        heat map when matplotlib is installed (a note is printed when it is not). Returns the report."""
-        report = self.routing_report()
-        print(format_routing(report))
-        if path is not None and report:
-            try:
-                print(f"wrote {plot_routing(report, path)}")
-            except ImportError:
-                print(f"{path} not written: matplotlib is not installed (pip install matplotlib)")
-        return report
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -13,8 +13,10 @@ from torch.utils.data import DataLoader, Sampler
 from molora.training.data import (
     IGNORE_INDEX,
     MESSAGES_COLUMN,
+    eval_carve_out,
     load_task_datasets,
     mix_tasks,
+    pack_rows,
     tokenize_causal_lm,
     tokenize_chat,
     tokenize_classification,
@@ -94,19 +96,31 @@ def build_datasets(config: RunConfig, tokenizer):
     """The run's tokenized data.
 
     Args:
-        config: the run config (``data`` section; ``train.seed`` seeds the mixing).
+        config: the run config (``data`` section; ``train.seed`` seeds the mixing and the
+            ``data.eval_split`` carve-outs).
         tokenizer: the run's tokenizer.
 
     Returns:
-        ``(mixed training Dataset with task_ids, {task: eval Dataset with task_ids})``;
-        tasks without an eval file have no eval set.
+        ``(mixed training Dataset with task_ids, {task: eval Dataset with task_ids})``; a task
+        without an eval file has no eval set, unless ``data.eval_split`` carves one out of its
+        training rows. With ``data.packing`` the training rows of each task are packed
+        (:func:`molora.training.data.pack_rows`); eval rows stay one per sequence.
     """
     tasks, d = config.data.tasks, config.data
     raw, task_to_id = load_task_datasets({n: s.train for n, s in tasks.items()}, cache_dir=d.cache_dir)
-    tokenized = {
-        n: _tokenize(raw[n], tasks[n], config, tokenizer, where=f"data.tasks.{n}.train={tasks[n].train!r}")
-        for n in tasks
-    }
+    tokenized, evals = {}, {}
+    for name, spec in tasks.items():
+        where = f"data.tasks.{name}.train={spec.train!r}"
+        ds = _tokenize(raw[name], spec, config, tokenizer, where=where)
+        if spec.eval is not None:
+            loaded, _ = load_task_datasets({name: spec.eval}, cache_dir=d.cache_dir)
+            evals[name] = _tokenize(loaded[name], spec, config, tokenizer, where=f"data.tasks.{name}.eval={spec.eval!r}")
+        elif d.eval_split is not None:
+            try:
+                ds, evals[name] = eval_carve_out(ds, d.eval_split, seed=config.train.seed + task_to_id[name])
+            except ValueError as e:
+                raise ValueError(f"{where}: data.eval_split: {e}") from e
+        tokenized[name] = pack_rows(ds, max_length=d.max_length) if d.packing else ds
     mixed = mix_tasks(
         tokenized,
         strategy=d.mixing,
@@ -115,12 +129,7 @@ def build_datasets(config: RunConfig, tokenizer):
         seed=config.train.seed,
         task_to_id=task_to_id,
     )
-    evals = {}
-    for name, spec in tasks.items():
-        if spec.eval is None:
-            continue
-        ds, _ = load_task_datasets({name: spec.eval}, cache_dir=d.cache_dir)
-        ds = _tokenize(ds[name], spec, config, tokenizer, where=f"data.tasks.{name}.eval={spec.eval!r}")
+    for name, ds in evals.items():
         if d.max_eval_examples is not None:
             ds = ds.select(range(min(d.max_eval_examples, len(ds))))
         evals[name] = ds.add_column("task_ids", [task_to_id[name]] * len(ds))

@@ -11,7 +11,10 @@ cosine/linear/constant schedule, gradient accumulation and mixed precision. It w
 - ``metrics.jsonl``: train, routing-health and eval records (:mod:`molora.training.metrics`;
   eval as :func:`molora.training.evaluation.evaluate` returns it; routing health as
   :func:`molora.training.health.health_record`, which also warns once when routing stays
-  uniform or collapses).
+  uniform or collapses); train records add tokens per second and an ETA.
+  ``train.report_to: [tensorboard]`` sends every record's scalars to ``tensorboard/`` too
+  (:mod:`molora.training.reporting`).
+- ``samples.jsonl``: greedy eval completions per task (``train.eval_samples``; :mod:`molora.training.samples`).
 - ``checkpoints/step_XXXXXXX/`` (:mod:`molora.training.checkpoints`). ``resume=True``
   continues from the newest one (the same losses as an uninterrupted run: the data order is
   a function of the seed and the number of batches consumed).
@@ -49,8 +52,10 @@ from molora.training.loaders import build_datasets, build_loaders, check_files
 from molora.training.metrics import MetricsLog
 from molora.training.objective import count_targets, micro_batch_loss
 from molora.training.optim import build_optimizer
+from molora.training.reporting import format_eta, make_sinks
 from molora.training.run_config import RunConfig
 from molora.training.run_dir import EXPORT, FINAL, METRICS, RUN_CONFIG, SUMMARY, check_fresh, resolve_resume
+from molora.training.samples import SAMPLES, eval_samples
 from molora.training.tokenizer import load_tokenizer
 
 __all__ = ["train"]
@@ -71,9 +76,15 @@ class _Run:
     eval_loaders: dict[str, DataLoader]
     log: MetricsLog | None = None
     health: RoutingHealthMonitor | None = None  # routing-health warnings (main process)
+    samples_log: MetricsLog | None = None
+    tokenizer: Any = None
+    eval_sets: dict[str, Any] = dataclasses.field(default_factory=dict)
     step: int = 0  # optimizer steps taken
     micro: int = 0  # micro-batches consumed (the data position)
     started: float = 0.0
+    start_step: int = 0  # the step this process started (or resumed) at: the ETA's rate
+    logged_at: float = 0.0  # time of the last train record: the tokens/s window
+    tokens_per_s: float | None = None
     last_loss: float | None = None
     last_eval: dict[str, Any] | None = None
 
@@ -108,6 +119,7 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
     model = _build_model(config, tokenizer, output_dir, ckpt=ckpt, main=accelerator.is_main_process)
     trainable, total = model.get_nb_trainable_parameters()
     run = _prepare(accelerator, config, output_dir, model, train_ds, eval_sets, collator)
+    run.tokenizer, run.eval_sets = tokenizer, eval_sets
     _restore(run, ckpt)
     if accelerator.is_main_process and ckpt is None:
         accelerator.print(
@@ -203,9 +215,11 @@ def _restore(run: _Run, ckpt: Path | None) -> None:
             max_steps=t.max_steps,
         )
     keep_until = run.step if ckpt is not None else None
-    run.log = MetricsLog(run.output_dir / METRICS, run.accelerator.is_main_process, keep_until=keep_until)
-    router = run.config.molora.router
-    run.health = RoutingHealthMonitor(t.max_steps, router=router, hint=TRAIN_HINT)
+    main = run.accelerator.is_main_process
+    sinks = make_sinks(t.report_to, run.output_dir, main=main)
+    run.log = MetricsLog(run.output_dir / METRICS, main, keep_until=keep_until, sinks=sinks)
+    run.samples_log = MetricsLog(run.output_dir / SAMPLES, main, keep_until=keep_until)
+    run.health = RoutingHealthMonitor(t.max_steps, router=run.config.molora.router, hint=TRAIN_HINT)
 
 
 def _batches(run: _Run):
@@ -231,9 +245,10 @@ def _train_steps(run: _Run) -> None:
         desc="train",
         dynamic_ncols=True,
     )
-    run.started = time.time()
+    run.started = run.logged_at = time.time()
+    run.start_step = run.step
     run.model.train()
-    window, window_steps = torch.zeros(4, device=run.accelerator.device), 0  # see _optimizer_step, since the last log
+    window, window_steps = torch.zeros(5, device=run.accelerator.device), 0  # see _optimizer_step, since the last log
     while run.step < t.max_steps:
         lrs = _optimizer_step(run, stream, window)
         run.step, window_steps = run.step + 1, window_steps + 1
@@ -241,13 +256,15 @@ def _train_steps(run: _Run) -> None:
         if run.step % t.log_every == 0 or run.step == t.max_steps:
             _log_train(run, window, window_steps, lrs)
             window_steps = 0
+            speed = _speed_text(run)
             if run.last_loss is not None:
-                bar.set_postfix(loss=f"{run.last_loss:.4f}")
+                bar.set_postfix_str(f"loss {run.last_loss:.4f} | {speed}")
             if bar.disable:  # no bar to show it: print the loss at log_every instead
                 loss = "n/a (no target in the window)" if run.last_loss is None else f"{run.last_loss:.4f}"
-                run.accelerator.print(f"step {run.step}/{t.max_steps} | loss {loss} | {_lr_text(lrs)}")
+                run.accelerator.print(f"step {run.step}/{t.max_steps} | loss {loss} | {speed} | {_lr_text(lrs)}")
         if t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps:
             run.last_eval = _run_eval(run)
+            run.logged_at = time.time()  # tokens/s counts training time only
         if t.save_every and (run.step % t.save_every == 0 or run.step == t.max_steps):  # the last step too: resumable
             save_checkpoint(
                 run.accelerator,
@@ -265,12 +282,25 @@ def _lr_text(lrs: dict[str, float]) -> str:
     return " ".join(f"{name} {lr:.2e}" for name, lr in lrs.items())
 
 
+def _eta(run: _Run) -> float | None:
+    """Seconds left at the mean step time of this process's steps so far (evals included)."""
+    done = run.step - run.start_step
+    if done <= 0:
+        return None
+    return (time.time() - run.started) / done * (run.config.train.max_steps - run.step)
+
+
+def _speed_text(run: _Run) -> str:
+    speed = "? tok/s" if run.tokens_per_s is None else f"{run.tokens_per_s:,.0f} tok/s"
+    return f"{speed} | ETA {format_eta(_eta(run))}"
+
+
 def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]:
     """``grad_accum`` micro-batches, then one optimizer and scheduler step.
 
     The loss is weighted per optimizer step (:mod:`molora.training.objective`): a micro-batch
     without a supervised target contributes nothing. Adds this step's statistics to ``window``
-    (4,): summed cross-entropy, targets, router loss, aux loss. Returns the lr of each
+    (5,): summed cross-entropy, targets, router loss, aux loss, input tokens (not padding). Returns the lr of each
     parameter group for this step.
     """
     t, accelerator, model = run.config.train, run.accelerator, run.model
@@ -288,6 +318,7 @@ def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]
             accelerator.backward(loss)
         window[:3] += stats.to(window.device, window.dtype)
         window[3] += run.inner.aux_loss().detach().float() / t.grad_accum
+        window[4] += _input_tokens(batch)
     if t.max_grad_norm is not None:
         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
     lrs = {f"lr_{g['name']}": g["lr"] for g in run.optimizer.param_groups}  # the lr of this step
@@ -297,13 +328,21 @@ def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]
     return lrs
 
 
+def _input_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens the model read: without padding, or every position of a packed batch (which has no mask)."""
+    mask = batch.get("attention_mask")
+    return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())
+
+
 def _log_train(run: _Run, window: torch.Tensor, window_steps: int, lrs: dict[str, float]) -> None:
     """Log the loss (cross-entropy per supervised target plus the router losses) and aux loss
     since the last log, over steps and processes; reset ``window``.
 
     A window without a supervised target logs ``loss: null`` (never a NaN or a 0 on no token).
     """
-    ce_sum, targets, router, aux = run.accelerator.reduce(window, reduction="sum").tolist()
+    ce_sum, targets, router, aux, tokens = run.accelerator.reduce(window, reduction="sum").tolist()
+    now = time.time()
+    run.tokens_per_s, run.logged_at = tokens / max(now - run.logged_at, 1e-9), now
     processes = run.accelerator.num_processes
     window.zero_()
     loss = ce_sum / targets + router / (window_steps * processes) if targets > 0 else None
@@ -318,7 +357,9 @@ def _log_train(run: _Run, window: torch.Tensor, window_steps: int, lrs: dict[str
             "aux_loss": aux / (window_steps * processes),
             **lrs,
             "epoch": epoch,
-            "time": time.time() - run.started,
+            "tokens_per_s": run.tokens_per_s,
+            "eta_s": _eta(run),
+            "time": now - run.started,
         }
     )
     if run.accelerator.is_main_process:  # from the last micro-batch's routing: nothing extra in the forward
@@ -333,7 +374,24 @@ def _run_eval(run: _Run) -> dict[str, Any] | None:
     run.log.write({"type": "eval", "step": run.step, **result})
     summary = ", ".join(f"{n}: loss {r['loss']:.4f} acc {r['accuracy']:.3f}" for n, r in result["tasks"].items())
     run.accelerator.print(f"step {run.step} eval | {summary}")
+    _log_samples(run)
     return result
+
+
+def _log_samples(run: _Run) -> None:
+    """``train.eval_samples`` greedy completions per task, on the main process (not under FSDP2)."""
+    t = run.config.train
+    if not t.eval_samples or run.config.model.task_type != "causal_lm" or is_sharded(run.model):
+        return
+    if run.accelerator.is_main_process:
+        tasks = eval_samples(
+            run.inner, run.eval_sets, run.tokenizer, k=t.eval_samples, max_new_tokens=t.eval_sample_tokens,
+            device=run.accelerator.device,
+        )
+        record = {"type": "samples", "step": run.step, "tasks": tasks}
+        run.samples_log.write(record)
+        run.log.report(record)
+    run.accelerator.wait_for_everyone()
 
 
 def _trainer_state(run: _Run) -> dict[str, Any]:
@@ -373,6 +431,7 @@ def _summary(run: _Run, *, trainable: int, total: int) -> dict[str, Any]:
 def _save_final(run: _Run, summary: dict[str, Any], eval_sets: dict, collator) -> None:
     """The final adapter, the per-task export and the summary (which records the export)."""
     accelerator, output_dir = run.accelerator, run.output_dir
+    run.log.close()
     save_adapter(accelerator, run.model, output_dir / FINAL)
     if accelerator.is_main_process:
         summary["export"] = export_per_task(

@@ -60,10 +60,13 @@ class MetricsLog:
         keep_until: resuming from this step: keep the records up to it and drop what the
             interrupted run logged after its checkpoint (and a partial last line).
             None: a fresh run, start empty.
+        sinks: objects with ``write(record)`` that receive every record written here
+            (TensorBoard: :mod:`molora.training.reporting`), and ``close()``.
     """
 
-    def __init__(self, path: Path, enabled: bool, *, keep_until: int | None):
+    def __init__(self, path: Path, enabled: bool, *, keep_until: int | None, sinks: list[Any] | None = None):
         self.path, self.enabled = path, enabled
+        self.sinks = list(sinks or []) if enabled else []
         if not enabled:
             return
         if keep_until is None:
@@ -73,7 +76,20 @@ class MetricsLog:
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` as one line (no-op on other processes)."""
+        """Append ``record`` as one line and pass it to the sinks (no-op on other processes)."""
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for sink in self.sinks:
+                sink.write(record)
+
+    def report(self, record: dict[str, Any]) -> None:
+        """Pass ``record`` to the sinks only (records kept in another file, e.g. eval samples)."""
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        """Close the sinks (the JSONL file is opened per write)."""
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

@@ -64,7 +64,10 @@ def micro_batch_loss(
     labels = batch["labels"]
     targets = count_targets(labels, causal=causal)
     if causal:
-        out = model(**{k: v for k, v in batch.items() if k != "labels"})  # no model loss: no 0/0
+        inputs = {k: v for k, v in batch.items() if k != "labels"}  # no model loss: no 0/0
+        if "position_ids" in inputs:  # packed rows: transformers reads their boundaries only without a cache
+            inputs["use_cache"] = False
+        out = model(**inputs)
         logits = out.logits[:, :-1].flatten(0, 1).float()  # (B*(L-1), V)
         ce_sum = F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         router = router_loss(inner)

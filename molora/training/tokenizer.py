@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from molora.training.data.templates import apply_chat_template_setting
 from molora.training.run_config import RunConfig
 
 __all__ = ["build_byte_tokenizer", "load_tokenizer"]
@@ -56,6 +57,7 @@ def load_tokenizer(config: RunConfig):
             )
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    apply_chat_template_setting(tokenizer, config.data.chat_template)  # only when it has none
     return tokenizer
 
 

@@ -122,6 +122,25 @@ def _router(run_dir: Path) -> str | None:
         return None
 
 
+def format_samples(run_dir: Path, width: int = 60) -> str | None:
+    """The latest eval samples of a run (``samples.jsonl``, ``train.eval_samples``), or None."""
+    from molora.training.samples import SAMPLES, latest_samples
+
+    record = latest_samples(run_dir / SAMPLES)
+    if record is None:
+        return None
+
+    def short(text: str) -> str:
+        text = text.replace("\n", "\u23ce")
+        return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+    lines = [f"eval samples at step {record['step']} (greedy; {SAMPLES}):"]
+    for task, rows in record.get("tasks", {}).items():
+        for row in rows:
+            lines.append(f"  [{task}] {short(row['prompt'])!r} -> {short(row['completion'])!r} (reference {short(row['reference'])!r})")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     from molora.apps.commands.inspect_adapter import describe_adapter, is_adapter_dir
@@ -147,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         eval_record = evals[-1] if evals else None
     print(summarize(run_dir, records, eval_record))
+    samples = format_samples(run_dir)
+    if samples:
+        print(samples)
     if args.no_plots:
         return 0
     from molora.apps import plots

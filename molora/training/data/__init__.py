@@ -19,6 +19,7 @@ from molora.training.data.collate import MultitaskCollator
 from molora.training.data.columns import IGNORE_INDEX, MIX_STRATEGIES, TASK_IDS_COLUMN
 from molora.training.data.load import load_task_datasets
 from molora.training.data.mix import mix_tasks, task_proportions
+from molora.training.data.packing import POSITION_IDS_COLUMN, eval_carve_out, pack_rows
 from molora.training.data.tokenize import tokenize_causal_lm, tokenize_classification
 
 __all__ = [
@@ -26,9 +27,12 @@ __all__ = [
     "MESSAGES_COLUMN",
     "MIX_STRATEGIES",
     "TASK_IDS_COLUMN",
+    "POSITION_IDS_COLUMN",
     "MultitaskCollator",
+    "eval_carve_out",
     "load_task_datasets",
     "mix_tasks",
+    "pack_rows",
     "task_proportions",
     "tokenize_causal_lm",
     "tokenize_chat",

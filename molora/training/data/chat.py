@@ -3,6 +3,7 @@ rendered with the tokenizer's chat template and supervised on the assistant turn
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from datasets import Dataset
@@ -13,6 +14,7 @@ from molora.training.data.tokenize import _check_max_length, _map_keeping_task_i
 __all__ = ["MESSAGES_COLUMN", "chat_labels", "tokenize_chat"]
 
 MESSAGES_COLUMN = "messages"
+_GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 def _render(tokenizer: Any, messages: list[dict], *, generation_prompt: bool) -> list[int]:
@@ -28,7 +30,9 @@ def chat_labels(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[i
     and including it: its content and the end-of-turn tokens the template closes it with, so
     the model learns to stop. The role header is a prompt, not supervised. This needs a
     template whose renderings of a conversation's prefixes are prefixes of its rendering
-    (true of the usual templates); one that rewrites earlier turns is refused.
+    (true of the usual templates); one that rewrites earlier turns is refused, unless it marks
+    the assistant tokens itself with ``{% generation %}`` blocks: then those are supervised
+    (transformers' ``return_assistant_tokens_mask``).
 
     Raises:
         ValueError: a message without a string ``role``/``content``, or a template that is
@@ -37,6 +41,11 @@ def chat_labels(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[i
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ValueError(f"message {i} must be {{'role': str, 'content': str}}, got {m!r:.80}")
+    if _GENERATION_BLOCK.search(tokenizer.chat_template or ""):
+        # the template marks the assistant tokens itself: transformers' assistant mask
+        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids = list(enc["input_ids"])
+        return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, enc["assistant_masks"])]
     ids = _render(tokenizer, messages, generation_prompt=False)
     labels = [IGNORE_INDEX] * len(ids)
     for i, m in enumerate(messages):
@@ -77,7 +86,8 @@ def tokenize_chat(
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"rows with {messages_column!r} are rendered with the tokenizer's chat template, and this tokenizer "
-            "has none: set model.tokenizer to a chat (instruct) tokenizer, or give prompt/response rows"
+            "has none: set data.chat_template (a name such as chatml, llama3, zephyr, or a Jinja string), set "
+            "model.tokenizer to a chat (instruct) tokenizer, or give prompt/response rows"
         )
 
     def encode(batch: dict[str, list]) -> dict[str, list]:

@@ -25,7 +25,8 @@ class MultitaskCollator:
     ``attention_mask`` and ``token_type_ids`` with 0, token ``labels`` with
     ``label_pad_id`` (-100, ignored by the loss), any other sequence with 0. Scalar fields
     (``task_ids``, class ``labels``) are stacked into ``(batch,)`` tensors: long for ints,
-    float32 for floats. An ``attention_mask`` is made from the lengths when missing.
+    float32 for floats. An ``attention_mask`` is made from the lengths when missing, except
+    for packed rows (with ``position_ids``, padded with 0: each pad is a segment of its own).
 
     Attributes:
         pad_token_id: id used to pad ``input_ids``.
@@ -91,7 +92,8 @@ class MultitaskCollator:
             width = self._padded_length(max(lengths))
             for k in seq_keys:
                 batch[k] = self._pad(features, k, width)
-            if "attention_mask" not in batch and "input_ids" in batch:
+            # packed rows carry restarting position_ids instead of a mask (see data/packing.py)
+            if "attention_mask" not in batch and "input_ids" in batch and "position_ids" not in batch:
                 batch["attention_mask"] = self._mask(lengths, width)
         for k in keys:
             if k not in seq_keys:

@@ -39,6 +39,7 @@ QUANTIZATION_KEYS: dict[str, Any] = {
 }
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+REPORT_TO = ("tensorboard",)
 SECTIONS = ("model", "molora", "data", "train")
 # Top-level keys that are not sections: ``kind`` marks files of other schemas (demo).
 TOP_LEVEL_EXTRA = ("kind",)
@@ -129,6 +130,13 @@ class DataSection:
         max_eval_examples: cap on each task's eval examples.
         pad_to_multiple_of: pad batches to a multiple of this length (fewer distinct shapes).
         cache_dir: ``datasets`` cache for the loaded files (default: its own cache).
+        chat_template: for ``messages`` rows, when the tokenizer has no chat template: a name
+            (``molora.training.data.templates.CHAT_TEMPLATES``: chatml, llama3, zephyr, ...) or
+            a Jinja template string. The tokenizer's own template wins when it has one.
+        eval_split: a fraction in (0, 1): each task without an ``eval`` file gives this share of
+            its training rows (seeded by ``train.seed``, at least one row) to its eval set.
+        packing: concatenate the tokenized rows of one task into sequences of up to
+            ``max_length`` tokens (causal LM); attention and positions restart at each row.
     """
 
     tasks: dict = field(default_factory=dict)
@@ -143,6 +151,9 @@ class DataSection:
     max_eval_examples: int | None = None
     pad_to_multiple_of: int | None = None
     cache_dir: str | None = None
+    chat_template: str | None = None
+    eval_split: float | None = None
+    packing: bool = False
 
 
 @dataclass
@@ -188,6 +199,11 @@ class TrainSection:
             layer, experts and routers with their layer; optimizer state sharded too) instead
             of DDP. Needs several processes (``accelerate launch --multi_gpu`` or torchrun);
             one process trains unsharded.
+        report_to: where scalars go besides ``metrics.jsonl``: ``[tensorboard]`` writes them
+            with ``torch.utils.tensorboard`` to ``output_dir/tensorboard``.
+        eval_samples: at each eval, greedy completions of this many eval prompts per task
+            (causal LM), logged to ``samples.jsonl`` (and tensorboard text); 0: none.
+        eval_sample_tokens: new tokens per eval sample.
     """
 
     output_dir: str = "runs/molora"
@@ -216,6 +232,9 @@ class TrainSection:
     overwrite_output_dir: bool = False
     export: bool = True
     fsdp: bool = False
+    report_to: list[str] = field(default_factory=list)
+    eval_samples: int = 0
+    eval_sample_tokens: int = 64
 
 
 @dataclass

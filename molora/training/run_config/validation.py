@@ -17,6 +17,7 @@ from molora.training.run_config.sections import (
     MIXED_PRECISION,
     MODEL_DTYPES,
     QUANTIZATION_KEYS,
+    REPORT_TO,
     SECTIONS,
     TASK_TYPES,
     TOP_LEVEL_EXTRA,
@@ -232,6 +233,16 @@ def _check_data(data: DataSection, model: ModelSection, problems: list[str]) -> 
     _at_least(problems, "data.num_samples", data.num_samples, 1)
     _at_least(problems, "data.max_eval_examples", data.max_eval_examples, 1)
     _at_least(problems, "data.pad_to_multiple_of", data.pad_to_multiple_of, 1)
+    if data.eval_split is not None and not (0 < data.eval_split < 1):
+        problems.append(f"'data.eval_split' must be a fraction in (0, 1) or null, got {data.eval_split!r}")
+    if data.packing and model.task_type != "causal_lm":
+        problems.append(f"'data.packing' packs causal-LM rows; got packing=true with task_type={model.task_type!r}")
+    if data.chat_template is not None:
+        from molora.training.data.templates import check_chat_template
+
+        problem = check_chat_template(data.chat_template)
+        if problem:
+            problems.append(f"'data.chat_template' {problem}")
 
 
 def _check_train(t: TrainSection, problems: list[str]) -> None:
@@ -262,6 +273,10 @@ def _check_train(t: TrainSection, problems: list[str]) -> None:
     if not (0 <= t.min_lr_ratio <= 1):
         problems.append(f"'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio!r}")
     _choice(problems, "train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    for i, target in enumerate(t.report_to):
+        _choice(problems, f"train.report_to[{i}]", target, REPORT_TO)
+    _at_least(problems, "train.eval_samples", t.eval_samples, 0)
+    _at_least(problems, "train.eval_sample_tokens", t.eval_sample_tokens, 1)
 
 
 def _check_cross(model: ModelSection, molora: MoLoRAConfig, data: DataSection, problems: list[str]) -> None:
