@@ -342,17 +342,19 @@ def triton_experts(
 
     Shapes outside the domain the kernels are compiled and checked for
     (``molora.core.kernels.launch.unsupported``: N > 64, r > 128, a dtype other than
-    bf16/fp16/fp32) are never launched: they run ``dense`` (dense routing) or ``grouped``.
+    bf16/fp16/fp32, in or out not a multiple of 16) are never launched: they run ``dense`` (dense routing) or ``grouped``.
 
     Raises:
         ImportError: triton is not installed.
         RuntimeError: CPU tensors without Triton's interpreter (``TRITON_INTERPRET=1``).
     """
-    if unsupported(lora_B.shape[0], lora_B.shape[2], x.dtype) is not None:
+    shared = shares_A(lora_A, lora_B)
+    in_dim = lora_A.shape[1] if shared else x.shape[1]  # the kernels run on h = A x with a shared A
+    if unsupported(lora_B.shape[0], lora_B.shape[2], x.dtype, in_dim, lora_B.shape[1], x.is_cuda) is not None:
         fallback = dense_experts if indices is None else grouped_experts
         return fallback(x, lora_A, lora_B, weights, indices, scaling)
     kernels = _triton_module()
-    if shares_A(lora_A, lora_B):
+    if shared:
         # h = A x once per token (T, r); the kernels then run on h with an identity
         # down-projection (stride-0 view, no gradient), adding r*r instead of r*in per pair.
         x = x @ lora_A[0].t()  # (T, r)

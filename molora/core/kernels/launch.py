@@ -9,7 +9,8 @@ Everything ``expert_impl="triton"`` can launch on a GPU is listed here, and
   not depend on N or r, so each candidate compiles to the same code at every N and r;
 - dtypes bf16, fp16 and fp32; fp32 dots in "ieee" or "tf32" (``torch.backends.cuda.matmul.allow_tf32``).
 
-Shapes outside :func:`unsupported`'s domain (N > 64, r > 128, another dtype) are never launched:
+Shapes outside :func:`unsupported`'s domain (N > 64, r > 128, another dtype, in or out not a
+multiple of 16) are never launched:
 ``triton`` runs ``dense`` (dense routing) or ``grouped`` (sparse routing) for them instead.
 This module imports neither triton nor CUDA, so the rules are testable anywhere.
 """
@@ -81,15 +82,26 @@ def sparse_blocks(rank: int) -> Config:
     return _cfg(BM=64, BK=64, BN=64)
 
 
+def wgrad_blocks(blocks: Config) -> Config:
+    """Blocks of ``wgrad_kernel`` from the sparse kernels' (BM rows per step, BD = BK columns)."""
+    sizes = blocks.kwargs
+    return Config((("BM", sizes["BM"]), ("BD", sizes["BK"])), blocks.num_warps, blocks.num_stages)
+
+
 def precisions(dtype: torch.dtype) -> tuple[str, ...]:
     """The ``input_precision`` values a launch can pass for this dtype (fp32: ieee or tf32)."""
     return ("ieee", "tf32") if dtype == torch.float32 else ("tf32",)
 
 
-def unsupported(num_experts: int, rank: int, dtype: torch.dtype) -> str | None:
+def unsupported(
+    num_experts: int, rank: int, dtype: torch.dtype, in_dim: int, out_dim: int, compiled: bool = True
+) -> str | None:
     """Why the Triton kernels are not launched for these shapes (None: they are).
 
-    The domain is what ``molora.core.kernels.aot`` checks: N <= 64, r <= 128, bf16/fp16/fp32.
+    The domain is what ``molora.core.kernels.aot`` checks: N <= 64 (the sparse kernels look
+    for a block's expert among 64), r <= 128, bf16/fp16/fp32, and, when ``compiled`` for a GPU
+    (not Triton's CPU interpreter), in and out dims that are multiples of 16: Triton compiles
+    other sizes to different, unchecked code (with a shared A the kernels' in dim is r).
     """
     if dtype not in DTYPES:
         return f"dtype {dtype} (the kernels are checked for {sorted(DTYPES.values())})"
@@ -97,6 +109,8 @@ def unsupported(num_experts: int, rank: int, dtype: torch.dtype) -> str | None:
         return f"num_experts={num_experts} > {MAX_EXPERTS}"
     if rank > MAX_RANK:
         return f"r={rank} > {MAX_RANK}"
+    if compiled and (in_dim % 16 or out_dim % 16):
+        return f"in={in_dim}, out={out_dim} (the kernels are checked for multiples of 16)"
     return None
 
 
@@ -114,4 +128,5 @@ __all__ = [
     "rank_p2",
     "sparse_blocks",
     "unsupported",
+    "wgrad_blocks",
 ]

@@ -74,31 +74,25 @@ def _block_ends(offs: torch.Tensor, bm: int) -> torch.Tensor:
     return torch.cumsum(torch.div(counts + (bm - 1), bm, rounding_mode="floor"), 0).to(torch.int32)
 
 
-def _sparse_blocks(cfg: _Launch, rank: int) -> L.Config:
-    return L.sparse_blocks(rank) if cfg.gpu else L.INTERPRETER_SPARSE
-
-
-def _run(name: str, grid: Callable[[dict], tuple[int]], args: tuple, consts: dict, cfg: _Launch, tune=None) -> None:
-    """Launch kernel ``name`` of ``triton_kernels``: with ``tune`` (dense: ("up"|"down", autotune
-    candidates, key args)) through its autotuner on a GPU, or the interpreter's fixed config."""
+def _run(name: str, grid: Callable[[dict], tuple[int]], args: tuple, consts: dict, cfg: _Launch, configs, interp):
+    """Launch kernel ``name`` of ``triton_kernels`` on a GPU with its one config, or through
+    ``triton.autotune`` over several (``configs``, all checked by ``aot``); under the interpreter
+    with the small config ``interp``."""
     kernel = getattr(K, name)
-    if tune is None:
-        kernel[grid(consts)](*args, **consts)
-    elif not cfg.gpu:
-        blocks = L.INTERPRETER_DENSE[tune[0]].kwargs
-        kernel[grid(blocks)](*args, **consts, **blocks)
+    config = interp if not cfg.gpu else configs[0] if len(configs) == 1 else None
+    if config is not None:
+        kernel[grid(config.kwargs)](
+            *args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+        )
     else:
-        _autotuned(kernel, tune[1], tune[2])[grid](*args, **consts)
+        _autotuned(kernel, tuple(configs))[grid](*args, **consts)
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(kernel, configs: tuple[L.Config, ...], key: tuple[str, ...]):
-    """``triton.autotune`` over ``configs`` (all checked by ``aot``), tuned once per key and dtype."""
+def _autotuned(kernel, configs: tuple[L.Config, ...]):
+    """``triton.autotune`` over ``configs``, tuned once per (N, D, r) and dtypes."""
     candidates = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
-    return triton.autotune(configs=candidates, key=list(key))(kernel)
-
-
-_DENSE_KEY = ("num_experts", "dim", "rank")
+    return triton.autotune(configs=candidates, key=["num_experts", "dim", "rank"])(kernel)
 
 
 def _dense_up(src, m, cfg: _Launch) -> torch.Tensor:
@@ -113,7 +107,8 @@ def _dense_up(src, m, cfg: _Launch) -> torch.Tensor:
         (src, m, out, num_tokens, num_experts, dim, rank, *m.stride()),
         {"UPCAST": cfg.upcast, "PREC": cfg.prec},
         cfg,
-        ("up", L.DENSE_UP, _DENSE_KEY),
+        L.DENSE_UP,
+        L.INTERPRETER_DENSE["up"],
     )
     return out
 
@@ -129,7 +124,8 @@ def _dense_down(h, weights, m, scaling: float, gated: bool, out_dtype, cfg: _Lau
         (h, weights, m, out, num_tokens, num_experts, dim, rank, float(scaling), gated, *m.stride(), *weights.stride()),
         {"UPCAST": cfg.upcast, "PREC": cfg.prec},
         cfg,
-        ("down", L.DENSE_DOWN, _DENSE_KEY),
+        L.DENSE_DOWN,
+        L.INTERPRETER_DENSE["down"],
     )
     return out
 
@@ -144,23 +140,22 @@ class _SparseTriton(torch.autograd.Function):
         num_experts, rank, _ = lora_A.shape
         out_features = lora_B.shape[1]
         num_pairs = token.shape[0]
-        blocks = _sparse_blocks(cfg, rank)
+        blocks = L.sparse_blocks(rank) if cfg.gpu else L.INTERPRETER_SPARSE
         bm = blocks.kwargs["BM"]
         gate = top_w.reshape(-1).index_select(0, order).float()  # (P,) unscaled, fp32
         block_end = _block_ends(offs, bm)  # (N,)
         h = torch.empty(num_pairs, rank, device=x.device, dtype=torch.float32)  # (P, r)
         y = torch.zeros(num_tokens, out_features, device=x.device, dtype=torch.float32)  # (T, out)
-        consts = {**_sparse_consts(cfg, rank), **blocks.kwargs}
         _run(
             "sparse_fwd_kernel",
             lambda meta: (_cdiv(num_pairs, meta["BM"]) + num_experts,),
             (x, lora_A, lora_B, gate, token, offs, block_end, h, y,
              num_experts, in_features, out_features, rank, float(scaling), *_strides(lora_A, lora_B)),
-            {**consts, "N_P2": L.MAX_EXPERTS},
-            cfg,
+            {**_sparse_consts(cfg, rank), "N_P2": L.MAX_EXPERTS},
+            cfg, (blocks,), blocks,
         )  # fmt: skip
         ctx.save_for_backward(x, lora_A, lora_B, gate, order, token, offs, block_end, h)
-        ctx.scaling, ctx.cfg = float(scaling), cfg
+        ctx.scaling, ctx.cfg, ctx.blocks = float(scaling), cfg, blocks
         ctx.top_w_shape, ctx.top_w_dtype = top_w.shape, top_w.dtype
         return y.to(x.dtype)
 
@@ -173,8 +168,8 @@ class _SparseTriton(torch.autograd.Function):
         num_experts, rank, in_features = lora_A.shape
         out_features = lora_B.shape[1]
         num_pairs = token.shape[0]
-        blocks = _sparse_blocks(cfg, rank)
-        common = {**_sparse_consts(cfg, rank), "BM": blocks.kwargs["BM"]}
+        blocks = ctx.blocks
+        common = _sparse_consts(cfg, rank)
         grad_x = grad_A = grad_B = grad_w = None
         if need_x or need_A or need_w:
             dh = torch.empty_like(h)  # (P, r) fp32
@@ -185,8 +180,8 @@ class _SparseTriton(torch.autograd.Function):
                 lambda meta: (_cdiv(num_pairs, meta["BM"]) + num_experts,),
                 (grad_out, lora_A, lora_B, gate, token, offs, block_end, h, dh, d_gate, gx,
                  num_experts, in_features, out_features, rank, scaling, need_x, *_strides(lora_A, lora_B)),
-                {**common, **blocks.kwargs, "N_P2": L.MAX_EXPERTS},
-                cfg,
+                {**common, "N_P2": L.MAX_EXPERTS},
+                cfg, (blocks,), blocks,
             )  # fmt: skip
             if need_x:
                 grad_x = gx.to(x.dtype)
@@ -209,12 +204,13 @@ def _wgrad(lhs, gate, src, token, offs, num_experts: int, scaling: float, cfg: _
     """(N, r, D) fp32: per expert, sum over its pairs of (s * gate *) lhs[p]^T src[token[p]]."""
     rank, dim = lhs.shape[1], src.shape[1]
     out = torch.empty(num_experts, rank, dim, device=src.device, dtype=torch.float32)
+    wgrad = L.wgrad_blocks(blocks)
     _run(
         "wgrad_kernel",
         lambda meta: (num_experts, _cdiv(dim, meta["BD"])),
         (lhs, gate if gate is not None else lhs, src, token, offs, out, rank, dim, scaling, gate is not None),
-        {**common, "BD": blocks.kwargs["BK"]},
-        cfg,
+        common,
+        cfg, (wgrad,), wgrad,
     )  # fmt: skip
     return out
 

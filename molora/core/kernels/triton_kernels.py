@@ -47,6 +47,10 @@ def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
     return tl.dot(a, b, input_precision=PREC)
 
 
+# Strides are specialized when equal to 1 (contiguity) but not on divisibility by 16, and N, r
+# and T not at all: one compiled program per dtype, R_P2 and block config, whatever N and r.
+_SPARSE_STRIDES = ["s_an", "s_ar", "s_ak", "s_bn", "s_bo", "s_br"]
+_DENSE_STRIDES = ["s_mn", "s_mr", "s_md"]
 INTERPRETED = type(_dot).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 when this module was imported
 
 
@@ -64,7 +68,7 @@ def _block_rows(pid, offs_ptr, block_end_ptr, num_experts, N_P2: tl.constexpr, B
     return e, rows, rows < seg_end
 
 
-@triton.jit(do_not_specialize=["num_experts"])
+@triton.jit(do_not_specialize=["num_experts", "rank"], do_not_specialize_on_alignment=_SPARSE_STRIDES)
 def sparse_fwd_kernel(
     x_ptr, a_ptr, b_ptr, gate_ptr, token_ptr, offs_ptr, block_end_ptr, h_ptr, y_ptr,
     num_experts, in_features, out_features, rank, scaling,
@@ -111,7 +115,7 @@ def sparse_fwd_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["num_experts"])
+@triton.jit(do_not_specialize=["num_experts", "rank"], do_not_specialize_on_alignment=_SPARSE_STRIDES)
 def sparse_bwd_pairs_kernel(
     g_ptr, a_ptr, b_ptr, gate_ptr, token_ptr, offs_ptr, block_end_ptr, h_ptr, dh_ptr, dgate_ptr, gx_ptr,
     num_experts, in_features, out_features, rank, scaling, need_x,
@@ -163,7 +167,7 @@ def sparse_bwd_pairs_kernel(
             )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])
 def wgrad_kernel(
     lhs_ptr, gate_ptr, src_ptr, token_ptr, offs_ptr, out_ptr, rank, dim, scaling, has_gate,
     R_P2: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
@@ -190,7 +194,7 @@ def wgrad_kernel(
     tl.store(out_ptr + e * rank * dim + rr[:, None] * dim + dd[None, :], acc, mask=r_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["num_tokens", "num_experts"])
+@triton.jit(do_not_specialize=["num_tokens", "num_experts", "rank"], do_not_specialize_on_alignment=_DENSE_STRIDES)
 def dense_up_kernel(
     src_ptr, m_ptr, out_ptr,
     num_tokens, num_experts, dim, rank,
@@ -223,7 +227,10 @@ def dense_up_kernel(
     tl.store(out_ptr + rows64[:, None] * n_cols + cc[None, :], acc, mask=row_mask[:, None] & c_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["num_tokens", "num_experts"])
+@triton.jit(
+    do_not_specialize=["num_tokens", "num_experts", "rank"],
+    do_not_specialize_on_alignment=[*_DENSE_STRIDES, "s_wt", "s_we"],
+)
 def dense_down_kernel(
     h_ptr, w_ptr, m_ptr, out_ptr,
     num_tokens, num_experts, dim, rank, scaling, gated,
