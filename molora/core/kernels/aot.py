@@ -5,7 +5,8 @@ and spills.
 How: the launcher (``triton_experts``) runs forward and backward on small CPU tensors with its
 kernel launches recorded instead of run (``_on_gpu`` answers True, ``_run`` records), for every
 N in :data:`EXPERTS`, r in :data:`RANKS`, dtype (bf16, fp16, fp32 with ieee and tf32 dots),
-dense and sparse routing, with and without a shared A. Each recorded launch is specialized as
+dense and sparse routing, with and without a shared A (fp32 and the other shapes that
+``launch.unsupported`` routes away record no launch). Each recorded launch is specialized as
 Triton's JIT would specialize it (``native_specialize_impl``: ints equal to 1, multiples of 16,
 16-byte aligned pointers) and expanded over its autotune candidates; identical compilations
 are merged. Each is then compiled with ``triton.compile`` for ``GPUTarget("cuda", cc, 32)`` in
@@ -104,7 +105,7 @@ def _record(te, case: dict) -> list[tuple[str, tuple, dict, tuple[L.Config, ...]
     B = torch.randn(n, d, r, dtype=dtype, requires_grad=True)
     logits = torch.randn(_TOKENS, n)
     weights = logits.softmax(-1).to(dtype).requires_grad_(True)
-    indices = None if case["dense"] else logits.topk(2, -1).indices
+    indices = None if case["dense"] else logits.topk(min(2, n), -1).indices
     if indices is not None:
         weights = weights * torch.zeros(_TOKENS, n, dtype=dtype).scatter(1, indices, 1.0)
     from molora.core.experts import triton_experts
@@ -125,7 +126,7 @@ def _record(te, case: dict) -> list[tuple[str, tuple, dict, tuple[L.Config, ...]
 def cases() -> list[dict]:
     """Every (routing, structure, N, r, dtype, precision, dims) the launcher is recorded on."""
     out = []
-    for dtype in L.DTYPES:
+    for dtype in L.DTYPES:  # fp32 records nothing: routed away on a GPU (launch.unsupported)
         for prec in L.precisions(dtype):
             for n in EXPERTS:
                 for r in RANKS:
@@ -180,21 +181,26 @@ def _jit(kernel):
     return JITFunction(kernel.fn, **kernel.kwargs)
 
 
-def collect(keep=None) -> dict[Spec, list[str]]:
-    """Every distinct compilation the launcher can ask for, with the cases that ask for it
-    (only the cases ``keep(case)`` accepts, when given)."""
+def specs_for(case: dict) -> list[Spec]:
+    """The compilations one case (N, r, dtype, prec, dense, shared, dim) launches, on every target."""
     from molora.core.kernels import triton_experts as te
     from molora.core.kernels import triton_kernels as K
 
+    out = []
+    for name, args, consts, configs in _record(te, case):
+        for config in configs:
+            out += [_specialize(getattr(K, name), args, consts, config, cc) for cc in TARGETS]
+    return out
+
+
+def collect(keep=None) -> dict[Spec, list[str]]:
+    """Every distinct compilation the launcher can ask for, with the cases that ask for it
+    (only the cases ``keep(case)`` accepts, when given)."""
     specs: dict[Spec, list[str]] = {}
     for case in cases():
-        if keep is not None and not keep(case):
-            continue
-        for name, args, consts, configs in _record(te, case):
-            kernel = getattr(K, name)
-            for config in configs:
-                for cc in TARGETS:
-                    specs.setdefault(_specialize(kernel, args, consts, config, cc), []).append(_label(case))
+        if keep is None or keep(case):
+            for spec in specs_for(case):
+                specs.setdefault(spec, []).append(_label(case))
     return specs
 
 
@@ -214,15 +220,23 @@ def _source_hash() -> str:
 
 
 def build_rows(
-    specs: dict[Spec, list[str]], cache: dict[str, dict], compile_missing: bool = True, jobs: int | None = None
+    specs: dict[Spec, list[str]],
+    cache: dict[str, dict],
+    compile_missing: bool = True,
+    jobs: int | None = None,
+    on_chunk=None,
 ) -> tuple[list[Row], int]:
     """Rows for ``specs`` from ``cache`` (key -> resources; updated in place with what was
     compiled), compiling the specs it lacks (or leaving them out). Returns (rows, compiled)."""
     keys = {spec: spec_key(spec) for spec in specs}
     missing = [spec for spec in specs if keys[spec] not in cache]
     if missing and compile_missing:
-        for spec, result in zip(missing, compile_specs(missing, jobs)):
-            cache[keys[spec]] = result
+        chunk = 2 * (jobs or os.cpu_count() or 1)
+        for i in range(0, len(missing), chunk):  # in chunks: ``on_chunk`` can save progress
+            for spec, result in zip(missing[i : i + chunk], compile_specs(missing[i : i + chunk], jobs)):
+                cache[keys[spec]] = result
+            if on_chunk is not None:
+                on_chunk(i + chunk, len(missing))
     rows = [
         Row(spec, launched_by=tuple(labels), **cache[keys[spec]])
         for spec, labels in specs.items()
@@ -239,11 +253,11 @@ def load_cache(path: str) -> dict[str, dict]:
         return {}
 
 
-def save_cache(path: str, cache: dict[str, dict], rows: list[Row]) -> None:
+def save_cache(path: str, cache: dict[str, dict], specs) -> None:
     """Keep only the rows of the current specs (an edited kernel drops its old rows)."""
     from molora.atomic import atomic_write_text
 
-    live = {spec_key(row.spec) for row in rows}
+    live = {spec_key(spec) for spec in specs}
     kept = {k: v for k, v in sorted(cache.items()) if k in live}
     atomic_write_text(path, json.dumps({"rows": kept}, indent=0, sort_keys=True) + "\n")
 

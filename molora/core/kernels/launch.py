@@ -7,10 +7,10 @@ Everything ``expert_impl="triton"`` can launch on a GPU is listed here, and
   3 stages (triton's defaults), N_P2 = :data:`MAX_EXPERTS`;
 - dense kernels: the autotune candidates :data:`DENSE_UP` and :data:`DENSE_DOWN`; their tiles do
   not depend on N or r, so each candidate compiles to the same code at every N and r;
-- dtypes bf16, fp16 and fp32; fp32 dots in "ieee" or "tf32" (``torch.backends.cuda.matmul.allow_tf32``).
+- dtypes bf16 and fp16 (fp32 only under Triton's CPU interpreter, in the tests).
 
-Shapes outside :func:`unsupported`'s domain (N > 64, r > 128, another dtype, in or out not a
-multiple of 16) are never launched:
+Shapes outside :func:`unsupported`'s domain (N > 64, r > 128, fp32 or another dtype on a GPU,
+in or out not a multiple of 16) are never launched:
 ``triton`` runs ``dense`` (dense routing) or ``grouped`` (sparse routing) for them instead.
 This module imports neither triton nor CUDA, so the rules are testable anywhere.
 """
@@ -23,7 +23,8 @@ import torch
 
 MAX_EXPERTS = 64  # N_P2 of the sparse kernels: one compiled program for every N <= 64
 MAX_RANK = 128  # R_P2 <= 128: the sparse kernels keep a (BM, R_P2) fp32 tile in registers
-DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}  # interpreter (CPU tests)
+GPU_DTYPES = (torch.bfloat16, torch.float16)  # compiled for a GPU (fp32 runs dense/grouped there)
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,13 @@ def _cfg(num_warps: int = 4, num_stages: int = 3, **blocks: int) -> Config:
 
 
 # Autotune candidates of the dense kernels (every one passes the AOT check on sm_80 and sm_90,
-# every dtype). BC: columns of the rank-N*r space per tile (up) or per K step (down).
+# bf16 and fp16). BC: columns of the rank-N*r space per tile (up) or per K step (down).
 DENSE_UP = (
     _cfg(BM=64, BC=64, BK=64),
-    _cfg(BM=128, BC=64, BK=64),
-    _cfg(BM=64, BC=128, BK=32, num_stages=4),
     _cfg(BM=128, BC=128, BK=32, num_warps=8),
 )
 DENSE_DOWN = (
     _cfg(BM=64, BN=64, BC=32),
-    _cfg(BM=128, BN=64, BC=32),
-    _cfg(BM=64, BN=128, BC=32),
     _cfg(BM=128, BN=128, BC=32, num_warps=8),
 )
 # Under Triton's CPU interpreter (tests): one small config, fewer numpy ops per program.
@@ -77,9 +74,13 @@ def rank_p2(rank: int) -> int:
 
 
 def sparse_blocks(rank: int) -> Config:
-    """Blocks of the sparse kernels on a GPU, by r (the compiled code depends on R_P2 only)."""
-    del rank  # one setting passes the AOT check at every R_P2 <= MAX_RANK
-    return _cfg(BM=64, BK=64, BN=64)
+    """Blocks of the sparse kernels on a GPU, by r (the compiled code depends on R_P2 only).
+
+    Each program keeps (BM, R_P2) fp32 tiles (h, its gated copy, d(hg)) in registers: with 4
+    warps and R_P2 >= 64 they outgrow the 255 registers of a thread and spill (measured by the
+    AOT check: sparse_fwd bf16, R_P2=128: 440 B/thread), so 8 warps share them there.
+    """
+    return _cfg(BM=64, BK=64, BN=64, num_warps=8 if rank_p2(rank) >= 64 else 4)
 
 
 def wgrad_blocks(blocks: Config) -> Config:
@@ -99,16 +100,22 @@ def unsupported(
     """Why the Triton kernels are not launched for these shapes (None: they are).
 
     The domain is what ``molora.core.kernels.aot`` checks: N <= 64 (the sparse kernels look
-    for a block's expert among 64), r <= 128, bf16/fp16/fp32, and, when ``compiled`` for a GPU
-    (not Triton's CPU interpreter), in and out dims that are multiples of 16: Triton compiles
-    other sizes to different, unchecked code (with a shared A the kernels' in dim is r).
+    for a block's expert among 64), r <= 128, and, when ``compiled`` for a GPU (not Triton's
+    CPU interpreter), bf16 or fp16 with in and out dims that are multiples of 16: Triton
+    compiles other sizes to different, unchecked code (with a shared A the kernels' in dim is
+    r). fp32 on a GPU: its "ieee" dots are FMA loops and its tiles twice the bytes (the first
+    AOT table: dense fp32 N*r=512 needed 388 KB of shared memory); cuBLAS runs it in ``dense``/``grouped``.
     """
     if dtype not in DTYPES:
         return f"dtype {dtype} (the kernels are checked for {sorted(DTYPES.values())})"
+    if compiled and dtype not in GPU_DTYPES:
+        return f"dtype {dtype} on a GPU (Triton's fp32 dots are FMA loops or TF32; the cuBLAS paths run fp32)"
     if num_experts > MAX_EXPERTS:
         return f"num_experts={num_experts} > {MAX_EXPERTS}"
     if rank > MAX_RANK:
         return f"r={rank} > {MAX_RANK}"
+    if compiled and rank == 1:
+        return "r=1 (its strides equal 1: other, unchecked programs)"
     if compiled and (in_dim % 16 or out_dim % 16):
         return f"in={in_dim}, out={out_dim} (the kernels are checked for multiples of 16)"
     return None
@@ -118,6 +125,7 @@ __all__ = [
     "DENSE_DOWN",
     "DENSE_UP",
     "DTYPES",
+    "GPU_DTYPES",
     "INTERPRETER_DENSE",
     "INTERPRETER_SPARSE",
     "MAX_EXPERTS",

@@ -47,9 +47,10 @@ def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
     return tl.dot(a, b, input_precision=PREC)
 
 
-# Strides are specialized when equal to 1 (contiguity) but not on divisibility by 16, and N, r
-# and T not at all: one compiled program per dtype, R_P2 and block config, whatever N and r.
-_SPARSE_STRIDES = ["s_an", "s_ar", "s_ak", "s_bn", "s_bo", "s_br"]
+# Strides are specialized when equal to 1 (contiguity) but not on divisibility by 16; N, r, T
+# and the strides that are 1 only for r = 1 or N = 1 (s_bo, the gates') not at all: one
+# compiled program per dtype, R_P2 and block config, whatever N and r (r = 1 is routed away).
+_SPARSE_STRIDES = ["s_an", "s_ar", "s_ak", "s_bn", "s_br"]
 _DENSE_STRIDES = ["s_mn", "s_mr", "s_md"]
 INTERPRETED = type(_dot).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 when this module was imported
 
@@ -68,7 +69,7 @@ def _block_rows(pid, offs_ptr, block_end_ptr, num_experts, N_P2: tl.constexpr, B
     return e, rows, rows < seg_end
 
 
-@triton.jit(do_not_specialize=["num_experts", "rank"], do_not_specialize_on_alignment=_SPARSE_STRIDES)
+@triton.jit(do_not_specialize=["num_experts", "rank", "s_bo"], do_not_specialize_on_alignment=_SPARSE_STRIDES)
 def sparse_fwd_kernel(
     x_ptr, a_ptr, b_ptr, gate_ptr, token_ptr, offs_ptr, block_end_ptr, h_ptr, y_ptr,
     num_experts, in_features, out_features, rank, scaling,
@@ -115,7 +116,7 @@ def sparse_fwd_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["num_experts", "rank"], do_not_specialize_on_alignment=_SPARSE_STRIDES)
+@triton.jit(do_not_specialize=["num_experts", "rank", "s_bo"], do_not_specialize_on_alignment=_SPARSE_STRIDES)
 def sparse_bwd_pairs_kernel(
     g_ptr, a_ptr, b_ptr, gate_ptr, token_ptr, offs_ptr, block_end_ptr, h_ptr, dh_ptr, dgate_ptr, gx_ptr,
     num_experts, in_features, out_features, rank, scaling, need_x,
@@ -228,8 +229,7 @@ def dense_up_kernel(
 
 
 @triton.jit(
-    do_not_specialize=["num_tokens", "num_experts", "rank"],
-    do_not_specialize_on_alignment=[*_DENSE_STRIDES, "s_wt", "s_we"],
+    do_not_specialize=["num_tokens", "num_experts", "rank", "s_wt", "s_we"], do_not_specialize_on_alignment=_DENSE_STRIDES
 )
 def dense_down_kernel(
     h_ptr, w_ptr, m_ptr, out_ptr,
