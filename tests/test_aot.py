@@ -147,5 +147,27 @@ def test_sparse_blocks_give_big_ranks_more_warps():
 def test_occupancy_estimate():
     spec = aot.Spec("k", (), (), (), 4, 3, 90)
     assert aot.Row(spec, regs=32, smem=0).occupancy() == 1.0  # 16 blocks of 4 warps
-    assert aot.Row(spec, regs=255, smem=0).occupancy() == 0.25  # 65536 / (256 * 128) = 2 blocks of 4 warps
+    assert aot.Row(spec, regs=255, smem=0).occupancy() == 0.125  # 65536 / (256 * 128) = 2 blocks of 4 warps
     assert aot.Row(spec, regs=64, smem=100 * 1024).occupancy() == 2 * 4 / 64  # 228 KB / 101 KB = 2 blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_auto_on_cuda_picks_triton_only_where_every_launch_was_checked(monkeypatch, dtype):
+    """``auto``'s CUDA rules against the AOT domain, on CPU tensors (the device query faked)."""
+    from molora.core import choose
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(choose, "_triton_installed", lambda: True)
+    monkeypatch.setattr(choose, "warn_once", lambda message: None)
+    picked = set()
+    for n in (2, 8, 32, 64, 65, 128):
+        for r in (1, 4, 16, 64, 128, 256):
+            for shared in (False, True):
+                for d in (4096, 4000):
+                    x = torch.empty(2, d, dtype=dtype)
+                    A, B = torch.empty(1 if shared else n, r, d, dtype=dtype), torch.empty(n, d, r, dtype=dtype)
+                    choice = choose._choose_cuda(x, A, B)
+                    picked.add(choice)
+                    if choice == "triton":  # the domain whose launches the table holds (tests above)
+                        assert L.unsupported(n, r, dtype, r if shared else d, d) is None, (n, r, shared, d)
+    assert ("triton" in picked) == (dtype != torch.float32)
