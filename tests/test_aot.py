@@ -29,7 +29,7 @@ MAX_COMPILE_IN_CI = 6  # ~10 s each on 2 cores
 
 @pytest.fixture(scope="module")
 def specs() -> dict:
-    return aot.collect()
+    return aot.collect(experts.triton_experts)
 
 
 def _describe(row: aot.Row) -> str:
@@ -64,7 +64,7 @@ def test_cache_agrees_with_a_fresh_compile(specs):
             picks[spec.kernel] = (weight, spec)
     chosen = [spec for _, spec in picks.values()]
     chosen = [s if i % 2 else _other_target(s, specs) for i, s in enumerate(chosen)]
-    fresh = aot.compile_specs(chosen, jobs=2)
+    fresh = list(aot.compile_specs(chosen, jobs=2))
     for spec, result in zip(chosen, fresh):
         cached = cache.get(aot.spec_key(spec))
         if cached is not None:
@@ -88,7 +88,7 @@ def test_other_n_and_r_compile_to_checked_programs(specs, num_experts, rank, den
     depends on r's power of two only (sparse) or on neither (dense)."""
     case = {"N": num_experts, "r": rank, "dtype": torch.bfloat16, "prec": "tf32", "dense": dense, "shared": shared,
             "dim": 4096}  # fmt: skip
-    got = aot.specs_for(case)
+    got = aot.specs_for(case, experts.triton_experts)
     if shared and rank % 16:
         assert got == []  # the kernels' in dim is r: not a multiple of 16, routed away
     else:
@@ -97,9 +97,9 @@ def test_other_n_and_r_compile_to_checked_programs(specs, num_experts, rank, den
 
 def test_fp32_and_out_of_domain_shapes_record_no_launch():
     base = {"N": 8, "r": 16, "dtype": torch.bfloat16, "prec": "tf32", "dense": False, "shared": False, "dim": 256}
-    assert aot.specs_for(base)
+    assert aot.specs_for(base, experts.triton_experts)
     for change in [{"dtype": torch.float32, "prec": "ieee"}, {"N": 65}, {"r": 256}, {"r": 1}, {"dim": 200}]:
-        assert aot.specs_for(base | change) == [], change
+        assert aot.specs_for(base | change, experts.triton_experts) == [], change
 
 
 @pytest.mark.parametrize(
@@ -171,3 +171,17 @@ def test_auto_on_cuda_picks_triton_only_where_every_launch_was_checked(monkeypat
                     if choice == "triton":  # the domain whose launches the table holds (tests above)
                         assert L.unsupported(n, r, dtype, r if shared else d, d) is None, (n, r, shared, d)
     assert ("triton" in picked) == (dtype != torch.float32)
+
+
+def test_cli_prints_and_writes_the_table(specs, monkeypatch, tmp_path, capsys):
+    from molora.apps.cli import main
+
+    monkeypatch.setattr(aot, "collect", lambda run_experts: specs)
+    markdown = tmp_path / "RESULTS-gpu.md"
+    argv = ["bench", "kernels", "--aot", "--no-compile", "--markdown", str(markdown), "--cache", str(CACHE)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "sparse_fwd_kernel" in out and "dense_up_kernel" in out and "over a limit" in out
+    text = markdown.read_text()
+    assert "<!-- aot_kernels:begin -->" in text and "| sparse_fwd_kernel | bf16 | R_P2=128 BM=64 BK=64 BN=64 w8 s3 |" in text
+    assert "NO:" not in text

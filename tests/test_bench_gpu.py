@@ -106,7 +106,8 @@ def test_script_calls_pip_only_offline_and_only_with_a_wheel_folder():
     text = (REPO_ROOT / "scripts" / "gpu_check.sh").read_text()
     code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     pip_lines = [line for line in code if "pip install" in line]
-    assert pip_lines and all("--no-index --find-links" in line for line in pip_lines), pip_lines
+    assert pip_lines and all("--no-index" in line and '--find-links "$wheels"' in line for line in pip_lines), pip_lines
+    assert all("[ -n \"$wheels\" ]" in "\n".join(code[max(0, code.index(line) - 3) : code.index(line)]) for line in pip_lines)
     assert "PIP_NO_INDEX=1" in text
 
 

@@ -30,15 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="use only the cache; leave out what it lacks")
 
 
+_INPUT = {"sparse_fwd_kernel": "x_ptr", "sparse_bwd_pairs_kernel": "g_ptr", "wgrad_kernel": "src_ptr",
+          "dense_up_kernel": "src_ptr", "dense_down_kernel": "m_ptr"}  # fmt: skip
+
+
 def _dtype(spec) -> str:
-    sig = dict(spec.signature)
-    dtype = next(v for k, v in sig.items() if v.startswith("*") and k in ("x_ptr", "g_ptr", "src_ptr", "h_ptr",
-                                                                          "lhs_ptr"))  # fmt: skip
-    if spec.kernel == "dense_down_kernel":
-        dtype = sig["m_ptr"]
-    dtype = dtype[1:]
-    prec = dict(spec.constexprs).get("PREC")
-    return f"{dtype}/{prec}" if dtype == "fp32" else dtype
+    """The activation dtype a program was compiled for (its input pointer's element type)."""
+    return dict(spec.signature)[_INPUT[spec.kernel]].lstrip("*")
 
 
 def _setting(spec) -> str:
@@ -113,10 +111,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.aot:
         print("molora bench kernels: only --aot is implemented (device timings: `molora bench layer`).")
         return 2
+    from molora.core.experts import EXPERT_IMPLS
     from molora.core.kernels import aot
 
     start = time.monotonic()
-    specs = aot.collect()
+    specs = aot.collect(EXPERT_IMPLS["triton"])
     cache = aot.load_cache(args.cache)
     def progress(done: int, total: int) -> None:
         aot.save_cache(args.cache, cache, specs)

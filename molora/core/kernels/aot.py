@@ -89,8 +89,9 @@ class Row:
         return blocks * warps / 64
 
 
-def _record(te, case: dict) -> list[tuple[str, tuple, dict, tuple[L.Config, ...]]]:
-    """The launches one forward+backward call makes: (kernel, args, constexprs, configs)."""
+def _record(te, run_experts, case: dict) -> list[tuple[str, tuple, dict, tuple[L.Config, ...]]]:
+    """The launches one forward+backward call of ``run_experts`` (``molora.core.experts.
+    triton_experts``) makes: (kernel, args, constexprs, configs)."""
     calls = []
 
     def run(name, grid, args, consts, cfg, configs, interp):
@@ -108,15 +109,13 @@ def _record(te, case: dict) -> list[tuple[str, tuple, dict, tuple[L.Config, ...]
     indices = None if case["dense"] else logits.topk(min(2, n), -1).indices
     if indices is not None:
         weights = weights * torch.zeros(_TOKENS, n, dtype=dtype).scatter(1, indices, 1.0)
-    from molora.core.experts import triton_experts
-
     saved = te._on_gpu, te._run, torch.backends.cuda.matmul.allow_tf32
     te._on_gpu, te._run = (lambda _x: True), run
     torch.backends.cuda.matmul.allow_tf32 = case["prec"] == "tf32"
     try:
         if case["shared"]:
             A = A.expand(n, r, d)
-        y = triton_experts(x, A, B, weights, indices, 2.0)
+        y = run_experts(x, A, B, weights, indices, 2.0)
         y.float().sum().backward()
     finally:
         te._on_gpu, te._run, torch.backends.cuda.matmul.allow_tf32 = saved
@@ -181,25 +180,29 @@ def _jit(kernel):
     return JITFunction(kernel.fn, **kernel.kwargs)
 
 
-def specs_for(case: dict) -> list[Spec]:
-    """The compilations one case (N, r, dtype, prec, dense, shared, dim) launches, on every target."""
+def specs_for(case: dict, run_experts) -> list[Spec]:
+    """The compilations one case (N, r, dtype, prec, dense, shared, dim) launches, on every target.
+
+    ``run_experts``: ``molora.core.experts.triton_experts`` (passed in: ``experts`` imports this
+    package), the entry point whose routing and shared-A handling decide what is launched.
+    """
     from molora.core.kernels import triton_experts as te
     from molora.core.kernels import triton_kernels as K
 
     out = []
-    for name, args, consts, configs in _record(te, case):
+    for name, args, consts, configs in _record(te, run_experts, case):
         for config in configs:
             out += [_specialize(getattr(K, name), args, consts, config, cc) for cc in TARGETS]
     return out
 
 
-def collect(keep=None) -> dict[Spec, list[str]]:
+def collect(run_experts, keep=None) -> dict[Spec, list[str]]:
     """Every distinct compilation the launcher can ask for, with the cases that ask for it
     (only the cases ``keep(case)`` accepts, when given)."""
     specs: dict[Spec, list[str]] = {}
     for case in cases():
         if keep is None or keep(case):
-            for spec in specs_for(case):
+            for spec in specs_for(case, run_experts):
                 specs.setdefault(spec, []).append(_label(case))
     return specs
 
@@ -231,12 +234,10 @@ def build_rows(
     keys = {spec: spec_key(spec) for spec in specs}
     missing = [spec for spec in specs if keys[spec] not in cache]
     if missing and compile_missing:
-        chunk = 2 * (jobs or os.cpu_count() or 1)
-        for i in range(0, len(missing), chunk):  # in chunks: ``on_chunk`` can save progress
-            for spec, result in zip(missing[i : i + chunk], compile_specs(missing[i : i + chunk], jobs)):
-                cache[keys[spec]] = result
-            if on_chunk is not None:
-                on_chunk(i + chunk, len(missing))
+        for done, (spec, result) in enumerate(zip(missing, compile_specs(missing, jobs)), 1):
+            cache[keys[spec]] = result
+            if on_chunk is not None and (done % 8 == 0 or done == len(missing)):  # save progress
+                on_chunk(done, len(missing))
     rows = [
         Row(spec, launched_by=tuple(labels), **cache[keys[spec]])
         for spec, labels in specs.items()
@@ -322,35 +323,45 @@ def _cuobjdump(cubin: bytes) -> tuple[int, int]:
     return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
-def _worker_main() -> None:  # python -m molora.core.kernels.aot < specs.json > results.json
+def _worker_main() -> None:  # python -m molora.core.kernels.aot < specs.json: one JSON result per line
     from concurrent.futures import ProcessPoolExecutor
 
     specs = [Spec(**{k: _tuples(v) for k, v in s.items()}) for s in json.load(sys.stdin)]
     jobs = int(os.environ.get("MOLORA_AOT_JOBS", os.cpu_count() or 1))
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(compile_spec, specs, chunksize=1))
-    json.dump(results, sys.stdout)
+        for result in pool.map(compile_spec, specs, chunksize=1):
+            print(json.dumps(result), flush=True)
 
 
 def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def compile_specs(specs: list[Spec], jobs: int | None = None, timeout_s: int = 3600) -> list[dict]:
-    """Compile specs in a fresh process (TRITON_INTERPRET unset, CUDA hidden), ``jobs`` at a time."""
+def compile_specs(specs: list[Spec], jobs: int | None = None, timeout_s: int = 3600):
+    """Compile specs in one fresh process (TRITON_INTERPRET unset, CUDA hidden), ``jobs`` at a
+    time; yields each result, in order, as soon as it is ready."""
+    import tempfile
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(CUDA_VISIBLE_DEVICES="", TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default, without its warning
     if jobs:
         env["MOLORA_AOT_JOBS"] = str(jobs)
-    payload = json.dumps([asdict(s) for s in specs], default=str)
-    proc = subprocess.run(
-        [sys.executable, "-m", "molora.core.kernels.aot"],
-        input=payload, capture_output=True, text=True, env=env, timeout=timeout_s,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"AOT compile worker failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    return json.loads(proc.stdout)
+    with tempfile.TemporaryFile("w+") as payload, tempfile.TemporaryFile("w+") as errors:
+        json.dump([asdict(s) for s in specs], payload, default=str)
+        payload.seek(0)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "molora.core.kernels.aot"], stdin=payload, stdout=subprocess.PIPE,
+            stderr=errors, text=True, env=env,
+        )  # fmt: skip
+        count = 0
+        for line in proc.stdout:
+            if line.startswith("{"):  # a result (anything else printed on stdout is not)
+                count += 1
+                yield json.loads(line)
+        if proc.wait(timeout=timeout_s) != 0 or count != len(specs):
+            errors.seek(0)
+            raise RuntimeError(f"AOT compile worker failed ({proc.returncode}): {errors.read()[-3000:]}")
 
 
 if __name__ == "__main__":
