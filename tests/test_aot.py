@@ -139,9 +139,10 @@ def test_triton_routes_unsupported_shapes_to_torch_paths(monkeypatch, dense):
     torch.testing.assert_close(y, experts.EXPERT_IMPLS["eager"](x, A, B, weights, indices, 2.0))
 
 
-def test_sparse_blocks_give_big_ranks_more_warps():
+def test_sparse_blocks_give_big_ranks_more_warps_and_smaller_tiles():
     assert L.sparse_blocks(16).num_warps == 4 and L.sparse_blocks(32).num_warps == 4
     assert L.sparse_blocks(64).num_warps == 8 and L.sparse_blocks(128).num_warps == 8
+    assert L.sparse_blocks(100).kwargs == {"BM": 64, "BK": 32, "BN": 32}  # R_P2 = 128
 
 
 def test_occupancy_estimate():
@@ -183,5 +184,5 @@ def test_cli_prints_and_writes_the_table(specs, monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "sparse_fwd_kernel" in out and "dense_up_kernel" in out and "over a limit" in out
     text = markdown.read_text()
-    assert "<!-- aot_kernels:begin -->" in text and "| sparse_fwd_kernel | bf16 | R_P2=128 BM=64 BK=64 BN=64 w8 s3 |" in text
+    assert "<!-- aot_kernels:begin -->" in text and "| sparse_fwd_kernel | bf16 | R_P2=128 BM=64 BK=32 BN=32 w8 s3 |" in text
     assert "NO:" not in text

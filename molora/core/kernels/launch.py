@@ -56,7 +56,7 @@ DENSE_UP = (
 )
 DENSE_DOWN = (
     _cfg(BM=64, BN=64, BC=32),
-    _cfg(BM=128, BN=128, BC=32, num_warps=8),
+    _cfg(BM=128, BN=64, BC=32, num_warps=8),  # BN=128 spilled 64 B/thread on sm_80
 )
 # Under Triton's CPU interpreter (tests): one small config, fewer numpy ops per program.
 INTERPRETER_DENSE = {"up": _cfg(BM=16, BC=32, BK=32), "down": _cfg(BM=16, BN=32, BC=16)}
@@ -76,11 +76,15 @@ def rank_p2(rank: int) -> int:
 def sparse_blocks(rank: int) -> Config:
     """Blocks of the sparse kernels on a GPU, by r (the compiled code depends on R_P2 only).
 
-    Each program keeps (BM, R_P2) fp32 tiles (h, its gated copy, d(hg)) in registers: with 4
-    warps and R_P2 >= 64 they outgrow the 255 registers of a thread and spill (measured by the
-    AOT check: sparse_fwd bf16, R_P2=128: 440 B/thread), so 8 warps share them there.
+    Each program keeps (BM, R_P2) fp32 tiles (h, its gated copy, d(hg)) and (R_P2, BN) tiles of
+    B in registers. Measured by the AOT check: with 4 warps, sparse_fwd bf16 at R_P2=128 spills
+    440 B/thread on sm_90; with 8 warps and BN=BK=64 still 48 B on sm_80. So 8 warps from
+    R_P2 = 64, and BN = BK = 32 at R_P2 = 128: no spills on either target.
     """
-    return _cfg(BM=64, BK=64, BN=64, num_warps=8 if rank_p2(rank) >= 64 else 4)
+    r_p2 = rank_p2(rank)
+    if r_p2 >= 128:
+        return _cfg(BM=64, BK=32, BN=32, num_warps=8)
+    return _cfg(BM=64, BK=64, BN=64, num_warps=8 if r_p2 >= 64 else 4)
 
 
 def wgrad_blocks(blocks: Config) -> Config:
