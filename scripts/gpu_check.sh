@@ -1,25 +1,39 @@
 #!/usr/bin/env bash
-# The GPU check in one command (one H100/H200, under 8 minutes): installs what the machine lacks,
-# then `molora bench gpu` runs `pytest -m gpu`, the layer and training benchmarks in bf16, and
-# writes benchmarks/RESULTS-gpu.md (copied to $OUT when set). Extra arguments go to `molora bench gpu`.
-# Without CUDA it says so and exits 0 (nothing measured). Missing packages are installed when a
-# package index is reachable and skipped otherwise (the step that needs them reports it).
+# The GPU check in one command, offline (one H100/H200, under 6 minutes): `molora bench gpu`,
+# whose steps are (1) the core CPU tests under this machine's torch (the torch floor), (2) the
+# CUDA tests (`-m gpu`: every path vs eager, Triton vs eager at 4096^2/T=4096 bf16, a bf16 Llama
+# training run whose loss falls, QLoRA when bitsandbytes is there), (3) the layer and (4) the
+# training benchmarks in bf16 (peak memory against PEFT LoRA). Writes benchmarks/RESULTS-gpu.md
+# (copied to $OUT when set). Extra arguments go to `molora bench gpu`.
+#
+# Never waits on a package index: pip is not called unless GPU_CHECK_WHEELS names a folder of
+# wheels, and then only as `pip install --no-index --find-links "$GPU_CHECK_WHEELS"` for the
+# modules that are missing. Without CUDA it says so and exits 0 at once (nothing measured).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
-install_if_missing() {  # module, pip spec...  (GPU_CHECK_NO_INSTALL=1: never install)
-    local module="$1"; shift
-    [ "${GPU_CHECK_NO_INSTALL:-0}" = 1 ] && return 0
-    python -c "import $module" >/dev/null 2>&1 && return 0
-    echo "gpu_check: installing $*"
-    timeout 90 python -m pip install -q "$@" || echo "gpu_check: could not install $* (no network?): skipping"
-}
-install_if_missing datasets datasets
-for dep in einops:einops yaml:pyyaml accelerate:accelerate safetensors:safetensors tqdm:tqdm; do
-    install_if_missing "${dep%%:*}" "${dep#*:}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_NO_INDEX=1
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check: no CUDA device here (or no torch); nothing measured."
+    exit 0
+fi
+wheels="${GPU_CHECK_WHEELS:-}"
+for dep in einops:einops yaml:pyyaml accelerate:accelerate safetensors:safetensors tqdm:tqdm transformers:transformers \
+    peft:peft triton:triton pytest:pytest; do
+    module="${dep%%:*}" package="${dep#*:}"
+    python -c "import $module" >/dev/null 2>&1 && continue
+    if [ -n "$wheels" ]; then
+        echo "gpu_check: installing $package from $wheels (no index)"
+        timeout 120 python -m pip install -q --no-index --find-links "$wheels" "$package" \
+            || echo "gpu_check: $package is not in $wheels: the steps that need it report it"
+    else
+        echo "gpu_check: $module is missing (set GPU_CHECK_WHEELS=<folder of wheels> to install it offline)"
+    fi
 done
-install_if_missing peft peft
-install_if_missing triton triton
-install_if_missing pytest pytest
-install_if_missing mixlora --no-deps mixlora==0.2.3
+for optional in bitsandbytes mixlora; do  # used when present (QLoRA test, MixLoRA row); never required
+    python -c "import $optional" >/dev/null 2>&1 && continue
+    if [ -n "$wheels" ] && ls "$wheels" | grep -qi "^$optional"; then
+        timeout 120 python -m pip install -q --no-index --no-deps --find-links "$wheels" "$optional" || true
+    fi
+done
 exec python -m molora.apps.cli bench gpu "$@"

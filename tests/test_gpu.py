@@ -110,7 +110,7 @@ def test_triton_matches_eager_bf16_cuda(kind, monkeypatch):
     if triton_kernels.INTERPRETED:
         pytest.skip("triton kernels were built for the interpreter in this process")
     launched = []
-    name = "dense_fwd_kernel" if kind == "soft" else "sparse_fwd_kernel"
+    name = "dense_up_kernel" if kind == "soft" else "sparse_fwd_kernel"
     kernel = getattr(triton_kernels, name)
 
     class Spy:

@@ -78,8 +78,8 @@ def launches(interpreted, monkeypatch):
         "sparse_fwd_kernel",
         "sparse_bwd_pairs_kernel",
         "wgrad_kernel",
-        "dense_fwd_kernel",
-        "dense_bwd_kernel",
+        "dense_up_kernel",
+        "dense_down_kernel",
     ]:
         spies[name] = _Spy(getattr(interpreted, name))
         monkeypatch.setattr(interpreted, name, spies[name])
@@ -106,9 +106,13 @@ def test_triton_matches_eager_float32(launches, kind, num_tokens):
     for name, a, b in zip(["x", "A", "B", "router"], g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
     sparse = kind in ("top1", "top2", "task_top2")
-    fwd, bwd = ("sparse_fwd_kernel", "sparse_bwd_pairs_kernel") if sparse else ("dense_fwd_kernel", "dense_bwd_kernel")
-    assert launches[fwd].launches == 1 and launches[bwd].launches == 1  # the kernels ran, no fallback
-    assert launches["wgrad_kernel"].launches == (2 if sparse else 0)
+    counts = {name: spy.launches for name, spy in launches.items()}  # the kernels ran, no fallback
+    if sparse:
+        assert counts == {"sparse_fwd_kernel": 1, "sparse_bwd_pairs_kernel": 1, "wgrad_kernel": 2,
+                          "dense_up_kernel": 0, "dense_down_kernel": 0}  # fmt: skip
+    else:  # forward h and y, backward d(hg) and grad_x
+        assert counts == {"sparse_fwd_kernel": 0, "sparse_bwd_pairs_kernel": 0, "wgrad_kernel": 0,
+                          "dense_up_kernel": 2, "dense_down_kernel": 2}  # fmt: skip
 
 
 @needs_interpreter
@@ -196,3 +200,32 @@ def test_missing_triton_raises_a_clear_error(monkeypatch):
 def test_auto_never_picks_triton_on_cpu():
     x, A, B = torch.empty(4096, 64), torch.empty(64, 16, 64), torch.empty(64, 64, 16)
     assert choose_impl(x, A, B, torch.zeros(4096, 2, dtype=torch.long)) != "triton"
+
+
+def _gpu_candidates():
+    from molora.core.kernels import launch as L
+
+    dense = [("dense", up, down) for up, down in zip(L.DENSE_UP, L.DENSE_DOWN)]
+    sparse = [("sparse", L.sparse_blocks(r), None) for r in (16, 64, 128)]
+    return dense + sparse
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind, first, second", _gpu_candidates(), ids=lambda c: getattr(c, "label", lambda: c)())
+def test_every_gpu_launch_setting_matches_eager(interpreted, monkeypatch, kind, first, second):
+    """Each autotune candidate and sparse block setting the GPU can run, here under the
+    interpreter (block sizes are all the interpreter honours): outputs and gradients = eager."""
+    from molora.core.kernels import launch as L
+
+    if kind == "dense":
+        monkeypatch.setitem(L.INTERPRETER_DENSE, "up", first)
+        monkeypatch.setitem(L.INTERPRETER_DENSE, "down", second)
+    else:
+        monkeypatch.setattr(L, "INTERPRETER_SPARSE", first)
+    router = make_router("soft" if kind == "dense" else "top2")
+    x, A, B, task_ids, grad_out = _inputs(37, 5)
+    y_ref, g_ref = run("eager", router, x, A, B, task_ids, grad_out, torch.float32)
+    y, g = run("triton", router, x, A, B, task_ids, grad_out, torch.float32)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,9 @@ import importlib.util
 
 import torch
 
+from molora.core.kernels.launch import unsupported
 from molora.core.log import warn_once
+from molora.core.shared import shares_A
 
 
 def prefers_dense(num_tokens: int, num_experts: int, top_k: int) -> bool:
@@ -86,28 +88,46 @@ def _choose_cuda(x, lora_A, lora_B) -> str:
     """Sparse routing on CUDA, by the roofline (reasoned; ``scripts/gpu_check.sh`` measures it).
 
     - N*r below :func:`dense_floor_rank`: ``dense`` (memory-bound: at the floor).
-    - Else ``triton`` when triton is installed: x gathered and y accumulated inside the
-      kernels, work O(T*k*r*(in+out)) and saved activations O(T*k*r).
+    - Else ``triton`` when triton is installed and the shapes are in the domain whose every
+      launch the AOT check compiles for sm_80/sm_90 (``molora.core.kernels.launch.unsupported``:
+      bf16/fp16, N <= 64, 2 <= r <= 128, in/out multiples of 16): within shared memory, no
+      spills (``benchmarks/RESULTS-gpu.md``, section ``aot_kernels``). x gathered and y
+      accumulated inside the kernels, work O(T*k*r*(in+out)), saved activations O(T*k*r).
     - Else ``grouped`` where ``F.grouped_mm`` runs its CUTLASS kernel (sm90+, bf16, in, out
       and r multiples of 8); else ``hybrid`` (N*r <= 256) or ``grouped`` with a warning,
       logged once, that a slower path runs.
+
+    What a measurement on the device must confirm (``bash scripts/gpu_check.sh``, layer table):
+
+    1. the floor: at N*r = 128 (N=8, r=16, T=4096, d=4096, bf16, top-2), ``dense`` is within
+       ~10% of PEFT LoRA r=16 and no sparse path beats it; otherwise lower :func:`dense_floor_rank`;
+    2. above the floor (N*r >= 300 on H100, >= 150 on A100), ``triton`` beats ``grouped`` and
+       ``hybrid``; if not, ``grouped`` goes first here;
+    3. the AOT table's occupancy: the sparse kernels with 8 warps at R_P2 >= 64 and the dense
+       autotune candidates run without local-memory traffic (Nsight Compute, local load/store
+       bytes = 0), as ptxas's zero spill count says;
+    4. dense routing stays on ``dense`` (``choose_impl``): the dense Triton kernels are two
+       tiled GEMMs with the gates fused into the second, so at most an elementwise pass over
+       the (T, N*r) intermediate separates them from ``dense``; ``auto`` switches to them only if
+       the layer table shows ``triton`` faster for soft/task routing.
     """
     num_experts, (rank, in_features) = lora_B.shape[0], lora_A.shape[1:]
     if num_experts * rank < dense_floor_rank(x.device):
         return "dense"
-    if _triton_installed():
+    in_dim = rank if shares_A(lora_A, lora_B) else in_features  # shared A: the kernels run on h = A x
+    why_not = unsupported(num_experts, rank, x.dtype, in_dim, lora_B.shape[1])
+    if _triton_installed() and why_not is None:
         return "triton"
+    hint = f"outside the Triton kernels' checked domain: {why_not}" if _triton_installed() else "`pip install triton`"
     major = torch.cuda.get_device_capability(x.device)[0]
     aligned = all(n % 8 == 0 for n in (in_features, lora_B.shape[1], rank))
     if major >= 9 and x.dtype == torch.bfloat16 and aligned and hasattr(torch.nn.functional, "grouped_mm"):
-        warn_once(
-            "molora: expert_impl='auto' uses 'grouped' (F.grouped_mm): `pip install triton` for the fused kernels"
-        )
+        warn_once(f"molora: expert_impl='auto' uses 'grouped' (F.grouped_mm) ({hint})")
         return "grouped"
     choice = "hybrid" if num_experts * rank <= _HYBRID_MAX_RANK else "grouped"
     warn_once(
         f"molora: expert_impl='auto' falls back to {choice!r} on this GPU/dtype ({x.dtype}, sm{major}x): "
-        "no triton and no F.grouped_mm kernel; `pip install triton` for the fused kernels"
+        f"no F.grouped_mm kernel ({hint})"
     )
     return choice
 

@@ -28,7 +28,8 @@ up-projection, ``triton`` with h computed first and the kernels run on it.
                    once, no (T*k, in) gather) and the grouped up-projection of ``grouped``.
 - ``triton``:      Triton kernels (``molora.core.kernels.triton_experts``): the pairs sorted by
                    expert, x gathered and y accumulated inside the kernels (sparse routing); one
-                   fused rank-N*r LoRA with the gates applied in registers (dense routing).
+                   rank-N*r LoRA as two tiled GEMMs, the gates applied to the intermediate
+                   as it is loaded (dense routing). N > 64 or r > 128: ``grouped``/``dense``.
 - ``auto``:        ``dense`` for dense routing and tiny T; for sparse routing ``dense``,
                    ``triton``, ``hybrid`` or ``grouped`` by device and shapes (:func:`choose_impl`).
 
@@ -52,6 +53,7 @@ import torch
 
 from molora.core.choose import choose_impl
 from molora.core.kernels.grouped_mm import gmm, gmm_wgrad
+from molora.core.kernels.launch import unsupported
 from molora.core.shared import shares_A
 
 ExpertFn = Callable[..., torch.Tensor]
@@ -335,15 +337,24 @@ def triton_experts(
     scaling: float,
 ) -> torch.Tensor:
     """Triton kernels (``molora.core.kernels.triton_experts``): sparse routing on the pairs sorted
-    by expert, with x gathered and y accumulated inside the kernels; dense routing as one fused
-    rank-N*r LoRA with the gates applied in registers.
+    by expert, with x gathered and y accumulated inside the kernels; dense routing as one
+    rank-N*r LoRA in two tiled GEMMs with the gates applied as the intermediate is loaded.
+
+    Shapes outside the domain the kernels are compiled and checked for
+    (``molora.core.kernels.launch.unsupported``: N > 64, r > 128, a dtype other than
+    bf16/fp16/fp32, in or out not a multiple of 16) are never launched: they run ``dense`` (dense routing) or ``grouped``.
 
     Raises:
         ImportError: triton is not installed.
         RuntimeError: CPU tensors without Triton's interpreter (``TRITON_INTERPRET=1``).
     """
+    shared = shares_A(lora_A, lora_B)
+    in_dim = lora_A.shape[1] if shared else x.shape[1]  # the kernels run on h = A x with a shared A
+    if unsupported(lora_B.shape[0], lora_B.shape[2], x.dtype, in_dim, lora_B.shape[1], x.is_cuda) is not None:
+        fallback = dense_experts if indices is None else grouped_experts
+        return fallback(x, lora_A, lora_B, weights, indices, scaling)
     kernels = _triton_module()
-    if shares_A(lora_A, lora_B):
+    if shared:
         # h = A x once per token (T, r); the kernels then run on h with an identity
         # down-projection (stride-0 view, no gradient), adding r*r instead of r*in per pair.
         x = x @ lora_A[0].t()  # (T, r)

@@ -1,20 +1,26 @@
-"""``molora bench gpu``: every GPU check and measurement in one command, for one H100/H200.
+"""``molora bench gpu``: every GPU check and measurement in one command, for one H100/H200, offline.
 
-Steps, each in its own subprocess with a time limit (one failing step does not stop the rest):
+Steps, each in its own subprocess with a time limit (one failing step does not stop the rest;
+the limits add up to under 6 minutes):
 
-1. ``pytest -m gpu -q``: every expert path (triton included) against eager in bf16 on CUDA.
-2. The layer benchmark in bf16, T=4096, in=out=4096, N=8, r=16, for top-2, soft and task
-   routing on every path, against the frozen base and PEFT LoRA r=16 (peak memory included).
-3. The training-step benchmark in bf16 of a Llama-shaped model (hidden 2048, all linear
-   layers): PEFT LoRA r=16, molora top-2, soft and task, and MixLoRA when installed.
+1. ``cpu``: the core CPU tests (:data:`CORE_CPU_TESTS`, CUDA hidden) under this machine's torch:
+   how the torch floor below CI's (the GPU image's torch 2.11) is tested.
+2. ``tests``: ``pytest -m gpu`` on tests/test_gpu.py and tests/test_gpu_real.py: every expert path
+   (triton included) against eager in bf16; Triton against eager at 4096^2, T=4096, bf16, top-2,
+   soft and task (outputs and gradients); a bf16 Llama-shaped training run whose loss falls;
+   QLoRA on CUDA when bitsandbytes is installed.
+3. ``layer``: the layer benchmark in bf16, T=4096, in=out=4096, N=8, r=16, for top-2, soft and
+   task routing on every path, against the frozen base and PEFT LoRA r=16 (peak memory too).
+4. ``train``: the training-step benchmark in bf16 of a Llama-shaped model (hidden 2048, all
+   linear layers): PEFT LoRA r=16, molora top-2, soft and task, and MixLoRA when installed,
+   tokens/s and allocator peak memory.
 
-Results go to ``benchmarks/RESULTS-gpu.md`` (sections ``gpu_check``, ``gpu_layer``,
-``gpu_train``), with the device name, and are copied to ``$OUT`` when that variable is set
-(the device tool brings back files written there). ``scripts/gpu_check.sh`` installs what
-is missing first and runs this. Without CUDA it prints why and exits 0 (nothing measured),
-or 3 with ``--require-cuda``.
+Nothing on this path imports ``datasets`` (the GPU machines do not have it). Results go to
+``benchmarks/RESULTS-gpu.md`` (sections ``gpu_check``, ``gpu_layer``, ``gpu_train``), with the
+device name, and are copied to ``$OUT`` when that variable is set. ``scripts/gpu_check.sh``
+runs this. Without CUDA it prints why and exits 0 (nothing measured), or 3 with ``--require-cuda``.
 
-    molora bench gpu                       # everything, ~5 minutes on an H100
+    molora bench gpu                       # everything, under 6 minutes on an H100
     molora bench gpu --dry-run             # print the steps only
 """
 
@@ -37,6 +43,14 @@ EXIT_NO_CUDA = 3
 LAYER_IMPLS = "auto,dense,grouped,grouped_bmm,hybrid,triton"
 TRAIN_VARIANTS = "peft_r,molora_topk,molora_soft,molora_task,mixlora"
 _CLI = [sys.executable, "-m", "molora.apps.cli", "bench"]
+# CPU tests of the core (no datasets, no GPU, under a minute on 16 cores); run with CUDA hidden.
+CORE_CPU_TESTS = [
+    "tests/test_experts.py", "tests/test_routers.py", "tests/test_losses.py", "tests/test_config.py",
+    "tests/test_grouped_mm.py", "tests/test_structures.py", "tests/test_topp.py", "tests/test_fused_router.py",
+    "tests/test_model.py", "tests/test_io.py",
+]  # fmt: skip
+GPU_TESTS = ["tests/test_gpu.py", "tests/test_gpu_real.py"]
+STEP_SECONDS = {"cpu": 90, "tests": 120, "layer": 60, "train": 80}  # sum: 350 s, under 6 minutes
 
 
 @dataclass
@@ -46,6 +60,7 @@ class Step:
     name: str
     argv: list[str]
     timeout_s: int
+    env: dict[str, str] | None = None  # added to the environment
 
 
 @dataclass
@@ -59,7 +74,7 @@ class StepResult:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", default="benchmarks/RESULTS-gpu.md", metavar="PATH", help="results file")
     parser.add_argument("--out-dir", default=os.environ.get("OUT"), help="also copy the results here (default $OUT)")
-    parser.add_argument("--steps", default="tests,layer,train", help="comma list of tests, layer, train")
+    parser.add_argument("--steps", default="cpu,tests,layer,train", help="comma list of cpu, tests, layer, train")
     parser.add_argument("--tokens", type=int, default=4096, help="layer benchmark T")
     parser.add_argument("--dim", type=int, default=4096, help="layer benchmark in = out")
     parser.add_argument("--impls", default=LAYER_IMPLS, help="molora paths in the layer benchmark")
@@ -68,7 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=1024, help="training benchmark sequence length")
     parser.add_argument("--batch", type=int, default=4, help="training benchmark batch")
     parser.add_argument("--variants", default=TRAIN_VARIANTS, help="training benchmark variants")
-    parser.add_argument("--step-timeout", type=int, default=150, help="seconds per step (3 steps: under 8 minutes)")
+    parser.add_argument(
+        "--step-timeout", type=int, default=None, help=f"seconds per step (default {STEP_SECONDS}: under 6 minutes)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the steps and exit")
     parser.add_argument("--require-cuda", action="store_true", help=f"exit {EXIT_NO_CUDA} when there is no CUDA")
 
@@ -100,10 +117,13 @@ def plan(args: argparse.Namespace) -> list[Step]:
     Raises:
         ValueError: an unknown name in ``--steps``.
     """
+    limit = {name: args.step_timeout or seconds for name, seconds in STEP_SECONDS.items()}
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     steps = {
-        "tests": Step("tests", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "tests"], args.step_timeout),
-        "layer": Step("layer", _layer_argv(args), args.step_timeout),
-        "train": Step("train", _train_argv(args), args.step_timeout),
+        "cpu": Step("cpu", [*pytest, "-m", "not slow", *CORE_CPU_TESTS], limit["cpu"], {"CUDA_VISIBLE_DEVICES": ""}),
+        "tests": Step("tests", [*pytest, "-m", "gpu", *GPU_TESTS], limit["tests"]),
+        "layer": Step("layer", _layer_argv(args), limit["layer"]),
+        "train": Step("train", _train_argv(args), limit["train"]),
     }
     wanted = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(steps))
@@ -117,7 +137,8 @@ def run_step(step: Step) -> StepResult:
     print(f"\n=== molora bench gpu: {step.name}: {' '.join(step.argv)}", flush=True)
     start = time.monotonic()
     try:
-        proc = subprocess.run(step.argv, capture_output=True, text=True, timeout=step.timeout_s)
+        env = {**os.environ, **(step.env or {})}
+        proc = subprocess.run(step.argv, capture_output=True, text=True, timeout=step.timeout_s, env=env)
         code, output = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
         code = None

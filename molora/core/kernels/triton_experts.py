@@ -15,30 +15,28 @@ this module is first imported), which is how the tests check the kernels without
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import triton
 
+from molora.core.kernels import launch as L
 from molora.core.kernels import triton_kernels as K
 
 
 @dataclass(frozen=True)
 class _Launch:
-    """Block sizes and dot settings for one call (constexprs of the kernels)."""
+    """Dot settings for one call (constexprs of every kernel) and where it runs."""
 
-    bm: int
-    bk: int
-    bn: int
     upcast: bool
     prec: str
+    gpu: bool  # False: Triton's CPU interpreter (fixed small blocks, no autotune)
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _p2(n: int, floor: int = 1) -> int:
-    return max(floor, 1 << max(0, n - 1).bit_length())
 
 
 def interpreted() -> bool:
@@ -46,17 +44,24 @@ def interpreted() -> bool:
     return K.INTERPRETED
 
 
+def _on_gpu(x: torch.Tensor) -> bool:
+    """True on CUDA tensors, False under the interpreter; otherwise a clear error."""
+    if x.device.type == "cuda":
+        return True
+    if interpreted():
+        return False
+    raise RuntimeError(
+        f'expert_impl="triton" runs on CUDA tensors, got {x.device.type} tensors; for CPU checks set '
+        "TRITON_INTERPRET=1 before molora's triton kernels are imported, or choose another `expert_impl`"
+    )
+
+
 def _launch(x: torch.Tensor) -> _Launch:
-    if x.device.type != "cuda" and not interpreted():
-        raise RuntimeError(
-            f'expert_impl="triton" runs on CUDA tensors, got {x.device.type} tensors; for CPU checks set '
-            "TRITON_INTERPRET=1 before molora's triton kernels are imported, or choose another `expert_impl`"
-        )
+    if not _on_gpu(x):  # numpy: bf16 dots are wrong there (upcast)
+        return _Launch(upcast=True, prec="ieee", gpu=False)
     fp32_prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     prec = fp32_prec if x.dtype == torch.float32 else "tf32"  # Triton's default; ignored for bf16/fp16 operands
-    if interpreted():  # numpy: fewer, larger blocks run faster; bf16 dots are wrong there (upcast)
-        return _Launch(bm=16, bk=64, bn=64, upcast=True, prec="ieee")
-    return _Launch(bm=64, bk=64, bn=64, upcast=False, prec=prec)
+    return _Launch(upcast=False, prec=prec, gpu=True)
 
 
 def _strides(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[int, ...]:
@@ -69,6 +74,62 @@ def _block_ends(offs: torch.Tensor, bm: int) -> torch.Tensor:
     return torch.cumsum(torch.div(counts + (bm - 1), bm, rounding_mode="floor"), 0).to(torch.int32)
 
 
+def _run(name: str, grid: Callable[[dict], tuple[int]], args: tuple, consts: dict, cfg: _Launch, configs, interp):
+    """Launch kernel ``name`` of ``triton_kernels`` on a GPU with its one config, or through
+    ``triton.autotune`` over several (``configs``, all checked by ``aot``); under the interpreter
+    with the small config ``interp``."""
+    kernel = getattr(K, name)
+    config = interp if not cfg.gpu else configs[0] if len(configs) == 1 else None
+    if config is not None:
+        kernel[grid(config.kwargs)](
+            *args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+        )
+    else:
+        _autotuned(kernel, tuple(configs))[grid](*args, **consts)
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kernel, configs: tuple[L.Config, ...]):
+    """``triton.autotune`` over ``configs``, tuned once per (N, D, r) and dtypes."""
+    candidates = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
+    return triton.autotune(configs=candidates, key=["num_experts", "dim", "rank"])(kernel)
+
+
+def _dense_up(src, m, cfg: _Launch) -> torch.Tensor:
+    """(T, N*r) fp32 = src (T, D) @ M_cat^T for M (N, r, D)."""
+    num_tokens, dim = src.shape
+    num_experts, rank = m.shape[0], m.shape[1]
+    out = torch.empty(num_tokens, num_experts * rank, device=src.device, dtype=torch.float32)
+    n_cols = num_experts * rank
+    _run(
+        "dense_up_kernel",
+        lambda meta: (max(1, _cdiv(num_tokens, meta["BM"])) * _cdiv(n_cols, meta["BC"]),),
+        (src, m, out, num_tokens, num_experts, dim, rank, *m.stride()),
+        {"UPCAST": cfg.upcast, "PREC": cfg.prec},
+        cfg,
+        L.DENSE_UP,
+        L.INTERPRETER_DENSE["up"],
+    )
+    return out
+
+
+def _dense_down(h, weights, m, scaling: float, gated: bool, out_dtype, cfg: _Launch) -> torch.Tensor:
+    """(T, D) = (s G * h) @ M_cat (``gated``) or h @ M_cat, h (T, N*r) fp32, M (N, r, D) strided."""
+    num_tokens = h.shape[0]
+    num_experts, rank, dim = m.shape
+    out = torch.empty(num_tokens, dim, device=h.device, dtype=out_dtype)
+    _run(
+        "dense_down_kernel",
+        lambda meta: (max(1, _cdiv(num_tokens, meta["BM"])) * _cdiv(dim, meta["BN"]),),
+        (h, weights, m, out, num_tokens, num_experts, dim, rank, float(scaling), gated, *m.stride(), *weights.stride()),
+        {"UPCAST": cfg.upcast, "PREC": cfg.prec},
+        cfg,
+        L.DENSE_DOWN,
+        L.INTERPRETER_DENSE["down"],
+    )
+    return out
+
+
 class _SparseTriton(torch.autograd.Function):
     """Sparse expert sum on pairs sorted by expert; see ``triton_kernels`` for the kernels."""
 
@@ -79,19 +140,22 @@ class _SparseTriton(torch.autograd.Function):
         num_experts, rank, _ = lora_A.shape
         out_features = lora_B.shape[1]
         num_pairs = token.shape[0]
+        blocks = L.sparse_blocks(rank) if cfg.gpu else L.INTERPRETER_SPARSE
+        bm = blocks.kwargs["BM"]
         gate = top_w.reshape(-1).index_select(0, order).float()  # (P,) unscaled, fp32
-        block_end = _block_ends(offs, cfg.bm)  # (N,)
+        block_end = _block_ends(offs, bm)  # (N,)
         h = torch.empty(num_pairs, rank, device=x.device, dtype=torch.float32)  # (P, r)
         y = torch.zeros(num_tokens, out_features, device=x.device, dtype=torch.float32)  # (T, out)
-        grid = (_cdiv(num_pairs, cfg.bm) + num_experts,)
-        K.sparse_fwd_kernel[grid](
-            x, lora_A, lora_B, gate, token, offs, block_end, h, y,
-            num_experts, in_features, out_features, rank, float(scaling), *_strides(lora_A, lora_B),
-            N_P2=_p2(num_experts), R_P2=_p2(rank, 16), BM=cfg.bm, BK=cfg.bk, BN=cfg.bn,
-            UPCAST=cfg.upcast, PREC=cfg.prec,
+        _run(
+            "sparse_fwd_kernel",
+            lambda meta: (_cdiv(num_pairs, meta["BM"]) + num_experts,),
+            (x, lora_A, lora_B, gate, token, offs, block_end, h, y,
+             num_experts, in_features, out_features, rank, float(scaling), *_strides(lora_A, lora_B)),
+            {**_sparse_consts(cfg, rank), "N_P2": L.MAX_EXPERTS},
+            cfg, (blocks,), blocks,
         )  # fmt: skip
         ctx.save_for_backward(x, lora_A, lora_B, gate, order, token, offs, block_end, h)
-        ctx.scaling, ctx.cfg = float(scaling), cfg
+        ctx.scaling, ctx.cfg, ctx.blocks = float(scaling), cfg, blocks
         ctx.top_w_shape, ctx.top_w_dtype = top_w.shape, top_w.dtype
         return y.to(x.dtype)
 
@@ -104,17 +168,20 @@ class _SparseTriton(torch.autograd.Function):
         num_experts, rank, in_features = lora_A.shape
         out_features = lora_B.shape[1]
         num_pairs = token.shape[0]
-        common = {"R_P2": _p2(rank, 16), "BM": cfg.bm, "UPCAST": cfg.upcast, "PREC": cfg.prec}
+        blocks = ctx.blocks
+        common = _sparse_consts(cfg, rank)
         grad_x = grad_A = grad_B = grad_w = None
         if need_x or need_A or need_w:
             dh = torch.empty_like(h)  # (P, r) fp32
             d_gate = torch.empty_like(gate)  # (P,)
             gx = torch.zeros(x.shape, device=x.device, dtype=torch.float32) if need_x else dh
-            grid = (_cdiv(num_pairs, cfg.bm) + num_experts,)
-            K.sparse_bwd_pairs_kernel[grid](
-                grad_out, lora_A, lora_B, gate, token, offs, block_end, h, dh, d_gate, gx,
-                num_experts, in_features, out_features, rank, scaling, *_strides(lora_A, lora_B),
-                N_P2=_p2(num_experts), BK=cfg.bk, BN=cfg.bn, NEED_X=need_x, **common,
+            _run(
+                "sparse_bwd_pairs_kernel",
+                lambda meta: (_cdiv(num_pairs, meta["BM"]) + num_experts,),
+                (grad_out, lora_A, lora_B, gate, token, offs, block_end, h, dh, d_gate, gx,
+                 num_experts, in_features, out_features, rank, scaling, need_x, *_strides(lora_A, lora_B)),
+                {**common, "N_P2": L.MAX_EXPERTS},
+                cfg, (blocks,), blocks,
             )  # fmt: skip
             if need_x:
                 grad_x = gx.to(x.dtype)
@@ -122,43 +189,41 @@ class _SparseTriton(torch.autograd.Function):
                 grad_w = torch.empty_like(d_gate).index_copy_(0, order, d_gate)  # back to (T*k) order
                 grad_w = grad_w.view(ctx.top_w_shape).to(ctx.top_w_dtype)
             if need_A:
-                grad_A = _wgrad(dh, None, x, token, offs, num_experts, 1.0, cfg, common).to(lora_A.dtype)
+                grad_A = _wgrad(dh, None, x, token, offs, num_experts, 1.0, cfg, common, blocks).to(lora_A.dtype)
         if need_B:
-            grad_B = _wgrad(h, gate, grad_out, token, offs, num_experts, scaling, cfg, common)  # (N, r, out)
+            grad_B = _wgrad(h, gate, grad_out, token, offs, num_experts, scaling, cfg, common, blocks)  # (N, r, out)
             grad_B = grad_B.transpose(1, 2).contiguous().to(lora_B.dtype)
         return grad_x, grad_A, grad_B, grad_w, None, None, None, None
 
 
-def _wgrad(lhs, gate, src, token, offs, num_experts: int, scaling: float, cfg: _Launch, common: dict):
+def _sparse_consts(cfg: _Launch, rank: int) -> dict:
+    return {"R_P2": L.rank_p2(rank), "UPCAST": cfg.upcast, "PREC": cfg.prec}
+
+
+def _wgrad(lhs, gate, src, token, offs, num_experts: int, scaling: float, cfg: _Launch, common: dict, blocks):
     """(N, r, D) fp32: per expert, sum over its pairs of (s * gate *) lhs[p]^T src[token[p]]."""
     rank, dim = lhs.shape[1], src.shape[1]
     out = torch.empty(num_experts, rank, dim, device=src.device, dtype=torch.float32)
-    grid = (num_experts, _cdiv(dim, cfg.bk))
-    K.wgrad_kernel[grid](
-        lhs, gate if gate is not None else lhs, src, token, offs, out, rank, dim, scaling,
-        HAS_GATE=gate is not None, BD=cfg.bk, **common,
+    wgrad = L.wgrad_blocks(blocks)
+    _run(
+        "wgrad_kernel",
+        lambda meta: (num_experts, _cdiv(dim, meta["BD"])),
+        (lhs, gate if gate is not None else lhs, src, token, offs, out, rank, dim, scaling, gate is not None),
+        common,
+        cfg, (wgrad,), wgrad,
     )  # fmt: skip
     return out
 
 
 class _DenseTriton(torch.autograd.Function):
-    """Dense expert sum (all experts, gates on the intermediate); weight grads by cuBLAS GEMMs."""
+    """Dense expert sum as two tiled GEMMs (``dense_up_kernel``, ``dense_down_kernel``) with the
+    gates applied to the fp32 rank-N*r intermediate as it is loaded; weight grads by cuBLAS GEMMs."""
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, weights, scaling):
         cfg = _launch(x)
-        num_tokens, in_features = x.shape
-        num_experts, rank, _ = lora_A.shape
-        out_features = lora_B.shape[1]
-        h = torch.empty(num_tokens, num_experts, rank, device=x.device, dtype=torch.float32)  # (T, N, r)
-        y = torch.empty(num_tokens, out_features, device=x.device, dtype=x.dtype)  # (T, out)
-        K.dense_fwd_kernel[(max(1, _cdiv(num_tokens, cfg.bm)),)](
-            x, lora_A, lora_B, weights, h, y,
-            num_tokens, num_experts, in_features, out_features, rank, float(scaling),
-            *_strides(lora_A, lora_B), *weights.stride(),
-            N_P2=_p2(num_experts), R_P2=_p2(rank, 16), BM=cfg.bm, BK=cfg.bk, BN=cfg.bn,
-            UPCAST=cfg.upcast, PREC=cfg.prec,
-        )  # fmt: skip
+        h = _dense_up(x, lora_A, cfg)  # (T, N*r) fp32, saved
+        y = _dense_down(h, weights, lora_B.transpose(1, 2), scaling, True, x.dtype, cfg)  # (T, out)
         ctx.save_for_backward(x, lora_A, lora_B, weights, h)
         ctx.scaling, ctx.cfg = float(scaling), cfg
         return y
@@ -172,25 +237,20 @@ class _DenseTriton(torch.autograd.Function):
         num_tokens, in_features = x.shape
         num_experts, rank, _ = lora_A.shape
         out_features = lora_B.shape[1]
+        gates = weights.float()[:, :, None] * scaling  # (T, N, 1)
         grad_x = grad_A = grad_B = grad_w = None
         if need_x or need_A or need_w:
-            dh = torch.empty_like(h)  # (T, N, r) fp32
-            dw = torch.empty(num_tokens, num_experts, device=x.device, dtype=torch.float32)  # (T, N)
-            gx = torch.empty_like(x) if need_x else x
-            K.dense_bwd_kernel[(max(1, _cdiv(num_tokens, cfg.bm)),)](
-                grad_out, lora_A, lora_B, weights, h, dh, dw, gx,
-                num_tokens, num_experts, in_features, out_features, rank, scaling,
-                *_strides(lora_A, lora_B), *weights.stride(),
-                N_P2=_p2(num_experts), R_P2=_p2(rank, 16), BM=cfg.bm, BK=cfg.bk, BN=cfg.bn,
-                NEED_X=need_x, UPCAST=cfg.upcast, PREC=cfg.prec,
-            )  # fmt: skip
-            grad_x = gx if need_x else None
-            grad_w = dw.to(weights.dtype) if need_w else None
+            d_hg = _dense_up(grad_out, lora_B.transpose(1, 2), cfg)  # (T, N*r) fp32: grad of s G h
+            if need_x:
+                grad_x = _dense_down(d_hg, weights, lora_A, scaling, True, x.dtype, cfg)  # (T, in)
+            d_hg = d_hg.view(num_tokens, num_experts, rank)
+            if need_w:
+                grad_w = ((d_hg * h.view_as(d_hg)).sum(-1) * scaling).to(weights.dtype)  # (T, N)
             if need_A:
-                dh_cat = dh.view(num_tokens, num_experts * rank).to(x.dtype)  # (T, N*r)
+                dh_cat = (d_hg * gates).view(num_tokens, num_experts * rank).to(x.dtype)  # (T, N*r)
                 grad_A = (dh_cat.t() @ x).view(num_experts, rank, in_features).to(lora_A.dtype)
         if need_B:
-            hg = (h * (weights.float() * scaling)[:, :, None]).view(num_tokens, num_experts * rank)  # (T, N*r)
+            hg = (h.view(num_tokens, num_experts, rank) * gates).view(num_tokens, num_experts * rank)  # (T, N*r)
             grad_b_cat = grad_out.t() @ hg.to(x.dtype)  # (out, N*r)
             grad_B = grad_b_cat.view(out_features, num_experts, rank).transpose(0, 1).contiguous().to(lora_B.dtype)
         return grad_x, grad_A, grad_B, grad_w, None

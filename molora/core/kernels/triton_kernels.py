@@ -17,18 +17,21 @@ no host sync sizes the grid.
   grad_out[token_e], grouped GEMMs over the same expert segments with the gathers
   recomputed; grid (N, cdiv(D, BD)), each program loops over its expert's segment.
 
-Dense routing (soft, task) uses all experts per token as one rank N*r LoRA with the gates
-applied to the (BM, N*r) intermediate in registers:
+Dense routing (soft, task) uses all experts per token as one rank N*r LoRA, as two tiled GEMMs
+whose tiles do not depend on N or r (so no configuration outgrows registers or shared memory):
 
-- :func:`dense_fwd_kernel`: h = x A_cat^T (stored fp32, O(T*N*r)), y = (s G * h) B_cat^T,
-  x read once and y written once, no atomics (a block owns its tokens).
-- :func:`dense_bwd_kernel`: d(hg) = grad_out B_cat, d G, dh (stored) and grad_x = dh A_cat.
-  Its weight gradients are two plain GEMMs (cuBLAS) in ``triton_experts``.
+- :func:`dense_up_kernel`: h = src M_cat^T (T, N*r) fp32, one (BM, BC) tile per program. The
+  forward's h = x A_cat^T (saved), the backward's d(hg) = grad_out B_cat.
+- :func:`dense_down_kernel`: out = (s G * h) M_cat, the gates applied to each (BM, BC) chunk of
+  h as it is loaded. The forward's y = (s G * h) B_cat^T, the backward's grad_x = (s G * d(hg)) A_cat.
+  The gate gradient, dh and the weight gradients are elementwise ops and GEMMs in ``triton_experts``.
 
-Column c of the dense (BM, N*r) tiles is expert ``c // R_P2``, rank ``c % R_P2``, so a
-reshape to (BM, N_P2, R_P2) sums the gate gradient per expert. Every ``tl.dot`` has all
-dims >= 16 (R_P2 >= 16, masked), as GPU tensor cores require. ``UPCAST`` casts dot operands
-to fp32 first: the Triton 3.9 interpreter computes bf16 dots wrongly (it is set only there).
+Column c of the rank-N*r space is expert ``c // r``, rank ``c % r``. The sparse kernels pad the
+rank to R_P2 >= 16 (masked) and find a block's expert among N_P2 = 64 block ends, so their
+compiled code depends on r's power of two only. Every ``tl.dot`` has all dims >= 16, as GPU
+tensor cores require. ``UPCAST`` casts dot operands to fp32 first: the Triton 3.9 interpreter
+computes bf16 dots wrongly (it is set only there). Launch settings (block sizes, warps, stages,
+autotune candidates) live in ``launch``; ``aot`` compiles every one for sm_80 and sm_90.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
     return tl.dot(a, b, input_precision=PREC)
 
 
+# Strides are specialized when equal to 1 (contiguity) but not on divisibility by 16; N, r, T
+# and the strides that are 1 only for r = 1 or N = 1 (s_bo, the gates') not at all: one
+# compiled program per dtype, R_P2 and block config, whatever N and r (r = 1 is routed away).
+_SPARSE_STRIDES = ["s_an", "s_ar", "s_ak", "s_bn", "s_br"]
+_DENSE_STRIDES = ["s_mn", "s_mr", "s_md"]
 INTERPRETED = type(_dot).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 when this module was imported
 
 
@@ -61,7 +69,7 @@ def _block_rows(pid, offs_ptr, block_end_ptr, num_experts, N_P2: tl.constexpr, B
     return e, rows, rows < seg_end
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_experts", "rank", "s_bo"], do_not_specialize_on_alignment=_SPARSE_STRIDES)
 def sparse_fwd_kernel(
     x_ptr, a_ptr, b_ptr, gate_ptr, token_ptr, offs_ptr, block_end_ptr, h_ptr, y_ptr,
     num_experts, in_features, out_features, rank, scaling,
@@ -108,13 +116,13 @@ def sparse_fwd_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_experts", "rank", "s_bo"], do_not_specialize_on_alignment=_SPARSE_STRIDES)
 def sparse_bwd_pairs_kernel(
     g_ptr, a_ptr, b_ptr, gate_ptr, token_ptr, offs_ptr, block_end_ptr, h_ptr, dh_ptr, dgate_ptr, gx_ptr,
-    num_experts, in_features, out_features, rank, scaling,
+    num_experts, in_features, out_features, rank, scaling, need_x,
     s_an, s_ar, s_ak, s_bn, s_bo, s_br,
     N_P2: tl.constexpr, R_P2: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-    NEED_X: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     e, rows, row_mask = _block_rows(tl.program_id(0), offs_ptr, block_end_ptr, num_experts, N_P2, BM)
     if e >= num_experts:
@@ -141,7 +149,7 @@ def sparse_bwd_pairs_kernel(
     gate = tl.load(gate_ptr + rows, mask=row_mask, other=0.0) * scaling
     dh = d_hg * gate[:, None]  # (BM, R_P2) fp32
     tl.store(dh_ptr + rows[:, None] * rank + rr[None, :], dh, mask=hr_mask)
-    if NEED_X:
+    if need_x:
         dhc = dh.to(a_ptr.dtype.element_ty)
         for k0 in range(0, in_features, BK):
             kk = k0 + tl.arange(0, BK)
@@ -160,13 +168,13 @@ def sparse_bwd_pairs_kernel(
             )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])
 def wgrad_kernel(
-    lhs_ptr, gate_ptr, src_ptr, token_ptr, offs_ptr, out_ptr, rank, dim, scaling,
-    HAS_GATE: tl.constexpr, R_P2: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    lhs_ptr, gate_ptr, src_ptr, token_ptr, offs_ptr, out_ptr, rank, dim, scaling, has_gate,
+    R_P2: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """out[e] (r, D) = sum over e's pairs p of lhs[p]^T src[token[p]]; lhs scaled by s*gate if HAS_GATE."""
+    """out[e] (r, D) = sum over e's pairs p of lhs[p]^T src[token[p]]; lhs scaled by s*gate if has_gate."""
     e = tl.program_id(0)
     dd = tl.program_id(1) * BD + tl.arange(0, BD)
     d_mask = dd < dim
@@ -179,7 +187,7 @@ def wgrad_kernel(
         rows = m0 + tl.arange(0, BM)
         row_mask = rows < seg_end
         lhs = tl.load(lhs_ptr + rows[:, None] * rank + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-        if HAS_GATE:
+        if has_gate:
             lhs = lhs * (tl.load(gate_ptr + rows, mask=row_mask, other=0.0) * scaling)[:, None]
         tok = tl.load(token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
         src = tl.load(src_ptr + tok[:, None] * dim + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
@@ -187,108 +195,84 @@ def wgrad_kernel(
     tl.store(out_ptr + e * rank * dim + rr[:, None] * dim + dd[None, :], acc, mask=r_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit
-def _dense_cols(num_experts, rank, N_P2: tl.constexpr, R_P2: tl.constexpr):
-    cc = tl.arange(0, N_P2 * R_P2)
-    ce, cr = cc // R_P2, cc % R_P2
-    return ce, cr, (ce < num_experts) & (cr < rank)
-
-
-@triton.jit
-def dense_fwd_kernel(
-    x_ptr, a_ptr, b_ptr, w_ptr, h_ptr, y_ptr,
-    num_tokens, num_experts, in_features, out_features, rank, scaling,
-    s_an, s_ar, s_ak, s_bn, s_bo, s_br, s_wt, s_we,
-    N_P2: tl.constexpr, R_P2: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+@triton.jit(do_not_specialize=["num_tokens", "num_experts", "rank"], do_not_specialize_on_alignment=_DENSE_STRIDES)
+def dense_up_kernel(
+    src_ptr, m_ptr, out_ptr,
+    num_tokens, num_experts, dim, rank,
+    s_mn, s_mr, s_md,
+    BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    """out (T, N*r) fp32 = src (T, D) @ M_cat^T, M (N, r, D) strided; one (BM, BC) tile per program.
+
+    Column c of the rank-N*r space is expert ``c // rank``, rank ``c % rank`` (no padding).
+    Programs walk the column tiles of a row block first, so its src rows are re-read from L2.
+    """
+    pid = tl.program_id(0)
+    n_cols = num_experts * rank
+    n_cb = tl.cdiv(n_cols, BC)
+    rows = (pid // n_cb) * BM + tl.arange(0, BM)  # (BM,)
     row_mask = rows < num_tokens
     rows64 = rows.to(tl.int64)
-    ce, cr, c_mask = _dense_cols(num_experts, rank, N_P2, R_P2)
-    acc = tl.zeros((BM, N_P2 * R_P2), tl.float32)
-    for k0 in range(0, in_features, BK):
+    cc = (pid % n_cb) * BC + tl.arange(0, BC)  # (BC,)
+    c_mask = cc < n_cols
+    m_off = (cc // rank).to(tl.int64) * s_mn + (cc % rank) * s_mr  # (BC,)
+    acc = tl.zeros((BM, BC), tl.float32)
+    for k0 in range(0, dim, BK):
         kk = k0 + tl.arange(0, BK)
-        k_mask = kk < in_features
-        xt = tl.load(
-            x_ptr + rows64[:, None] * in_features + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
-        )
-        at = tl.load(
-            a_ptr + ce[None, :] * s_an + cr[None, :] * s_ar + kk[:, None] * s_ak,
-            mask=c_mask[None, :] & k_mask[:, None],
-            other=0.0,
-        )  # (BK, N*R)
-        acc += _dot(xt, at, UPCAST, PREC)
-    hc_mask = row_mask[:, None] & c_mask[None, :]
-    tl.store(h_ptr + rows64[:, None] * (num_experts * rank) + (ce * rank + cr)[None, :], acc, mask=hc_mask)
-    gates = tl.load(w_ptr + rows64[:, None] * s_wt + ce[None, :] * s_we, mask=hc_mask, other=0.0).to(tl.float32)
-    hg = (acc * gates * scaling).to(b_ptr.dtype.element_ty)
-    for n0 in range(0, out_features, BN):
-        nn = n0 + tl.arange(0, BN)
-        n_mask = nn < out_features
-        bt = tl.load(
-            b_ptr + ce[:, None] * s_bn + nn[None, :] * s_bo + cr[:, None] * s_br,
+        k_mask = kk < dim
+        st = tl.load(src_ptr + rows64[:, None] * dim + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        mt = tl.load(
+            m_ptr + m_off[None, :] + kk[:, None] * s_md, mask=c_mask[None, :] & k_mask[:, None], other=0.0
+        )  # (BK, BC)
+        acc += _dot(st, mt, UPCAST, PREC)
+    tl.store(out_ptr + rows64[:, None] * n_cols + cc[None, :], acc, mask=row_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit(
+    do_not_specialize=["num_tokens", "num_experts", "rank", "s_wt", "s_we"], do_not_specialize_on_alignment=_DENSE_STRIDES
+)
+def dense_down_kernel(
+    h_ptr, w_ptr, m_ptr, out_ptr,
+    num_tokens, num_experts, dim, rank, scaling, gated,
+    s_mn, s_mr, s_md, s_wt, s_we,
+    BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """out (T, D) = (s * G[:, c // r] * h) @ M_cat when ``gated`` (else h @ M_cat), h (T, N*r) fp32,
+    G (T, N) strided, M (N, r, D) strided; one (BM, BN) tile of out per program, K-loop over N*r.
+
+    Programs walk the column tiles of out of a row block first (its h rows stay in L2).
+    """
+    pid = tl.program_id(0)
+    n_nb = tl.cdiv(dim, BN)
+    n_cols = num_experts * rank
+    rows = (pid // n_nb) * BM + tl.arange(0, BM)  # (BM,)
+    row_mask = rows < num_tokens
+    rows64 = rows.to(tl.int64)
+    nn = (pid % n_nb) * BN + tl.arange(0, BN)  # (BN,)
+    n_mask = nn < dim
+    acc = tl.zeros((BM, BN), tl.float32)
+    for c0 in range(0, n_cols, BC):
+        cc = c0 + tl.arange(0, BC)  # (BC,)
+        c_mask = cc < n_cols
+        ce = cc // rank
+        hc_mask = row_mask[:, None] & c_mask[None, :]
+        ht = tl.load(h_ptr + rows64[:, None] * n_cols + cc[None, :], mask=hc_mask, other=0.0)  # (BM, BC) fp32
+        if gated:
+            gates = tl.load(w_ptr + rows64[:, None] * s_wt + ce[None, :] * s_we, mask=hc_mask, other=0.0)
+            ht = ht * (gates.to(tl.float32) * scaling)
+        mt = tl.load(
+            m_ptr + (ce.to(tl.int64) * s_mn + (cc % rank) * s_mr)[:, None] + nn[None, :] * s_md,
             mask=c_mask[:, None] & n_mask[None, :],
             other=0.0,
-        )  # (N*R, BN)
-        yt = _dot(hg, bt, UPCAST, PREC)
-        tl.store(y_ptr + rows64[:, None] * out_features + nn[None, :], yt, mask=row_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def dense_bwd_kernel(
-    g_ptr, a_ptr, b_ptr, w_ptr, h_ptr, dh_ptr, dw_ptr, gx_ptr,
-    num_tokens, num_experts, in_features, out_features, rank, scaling,
-    s_an, s_ar, s_ak, s_bn, s_bo, s_br, s_wt, s_we,
-    N_P2: tl.constexpr, R_P2: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-    NEED_X: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    row_mask = rows < num_tokens
-    rows64 = rows.to(tl.int64)
-    ce, cr, c_mask = _dense_cols(num_experts, rank, N_P2, R_P2)
-    d_hg = tl.zeros((BM, N_P2 * R_P2), tl.float32)
-    for n0 in range(0, out_features, BN):
-        nn = n0 + tl.arange(0, BN)
-        n_mask = nn < out_features
-        gt = tl.load(
-            g_ptr + rows64[:, None] * out_features + nn[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0
-        )
-        bt = tl.load(
-            b_ptr + ce[None, :] * s_bn + nn[:, None] * s_bo + cr[None, :] * s_br,
-            mask=c_mask[None, :] & n_mask[:, None],
-            other=0.0,
-        )  # (BN, N*R)
-        d_hg += _dot(gt, bt, UPCAST, PREC)
-    hc_mask = row_mask[:, None] & c_mask[None, :]
-    hc_off = rows64[:, None] * (num_experts * rank) + (ce * rank + cr)[None, :]
-    h = tl.load(h_ptr + hc_off, mask=hc_mask, other=0.0)
-    dw = tl.sum(tl.reshape(d_hg * h, (BM, N_P2, R_P2)), axis=2) * scaling  # (BM, N_P2)
-    ee = tl.arange(0, N_P2)
-    tl.store(
-        dw_ptr + rows64[:, None] * num_experts + ee[None, :], dw, mask=row_mask[:, None] & (ee < num_experts)[None, :]
-    )
-    gates = tl.load(w_ptr + rows64[:, None] * s_wt + ce[None, :] * s_we, mask=hc_mask, other=0.0).to(tl.float32)
-    dh = d_hg * gates * scaling
-    tl.store(dh_ptr + hc_off, dh, mask=hc_mask)
-    if NEED_X:
-        dhc = dh.to(a_ptr.dtype.element_ty)
-        for k0 in range(0, in_features, BK):
-            kk = k0 + tl.arange(0, BK)
-            k_mask = kk < in_features
-            at = tl.load(
-                a_ptr + ce[:, None] * s_an + cr[:, None] * s_ar + kk[None, :] * s_ak,
-                mask=c_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )  # (N*R, BK)
-            dx = _dot(dhc, at, UPCAST, PREC)
-            tl.store(gx_ptr + rows64[:, None] * in_features + kk[None, :], dx, mask=row_mask[:, None] & k_mask[None, :])
+        )  # (BC, BN)
+        acc += _dot(ht.to(m_ptr.dtype.element_ty), mt, UPCAST, PREC)
+    tl.store(out_ptr + rows64[:, None] * dim + nn[None, :], acc, mask=row_mask[:, None] & n_mask[None, :])
 
 
 __all__ = [
     "INTERPRETED",
-    "dense_bwd_kernel",
-    "dense_fwd_kernel",
+    "dense_down_kernel",
+    "dense_up_kernel",
     "sparse_bwd_pairs_kernel",
     "sparse_fwd_kernel",
     "wgrad_kernel",
