@@ -1,0 +1,71 @@
+"""Checks around a save (see :mod:`molora.atomic`): what is about to be published is complete,
+and a failed write that failed for lack of space says so (torch and safetensors raise errors
+that are not ``OSError`` on a full disk)."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from safetensors import safe_open
+
+_FULL_BYTES = 1 << 20  # after a failed write, less free space than this means the disk is full
+
+
+class DiskFullError(OSError):
+    """A save failed for lack of space; nothing was published."""
+
+
+class IncompleteSaveError(OSError):
+    """The folder about to be published misses a file or holds an unreadable one."""
+
+
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether a failed write failed for lack of space (torch and safetensors raise their own
+    error types, with or without the system's message)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(err) or "Disk quota" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < _FULL_BYTES
+    except OSError:
+        return False
+
+
+def raise_if_disk_full(err: BaseException, folder: Path, target: Path) -> None:
+    if isinstance(err, Exception) and not isinstance(err, DiskFullError) and _disk_full(err, folder):
+        free = shutil.disk_usage(folder).free
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"the disk holding {str(target)!r} is full ({free / 2**20:.1f} MiB free; {type(err).__name__} while "
+            f"writing): nothing was half-written, {target.name!r} is as it was before; free some space and retry",
+        ) from err
+
+
+def check_complete(folder: Path, expect: Iterable[str], *, name: str | None = None) -> None:
+    """Each ``expect`` path (relative to ``folder``) is a non-empty file; a ``.safetensors``
+    file has a readable header. ``name`` is how errors name the folder (default: ``folder``).
+
+    Raises:
+        IncompleteSaveError: naming the first missing, empty or unreadable file.
+    """
+    for rel in expect:
+        file, where = folder / rel, f"{name or folder}/{rel}"
+        problem = None
+        if not file.is_file():
+            problem = "is missing"
+        elif file.stat().st_size == 0:
+            problem = "is empty"
+        elif file.suffix == ".safetensors":
+            try:
+                with safe_open(file, framework="pt") as f:
+                    list(f.keys())
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                problem = f"is not a readable safetensors file ({e})"
+        if problem:
+            raise IncompleteSaveError(
+                errno.EIO, f"refusing to publish {name or folder}: {where} {problem}; the previous version is unchanged"
+            )
