@@ -96,8 +96,9 @@ def writer_lock(path: str | os.PathLike, *, what: str = "folder") -> Iterator[No
             f"(or stop it), then retry; nothing was changed",
         )
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        with contextlib.suppress(OSError):  # who holds it, for the refusal's message (a full disk may refuse)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         yield
     finally:
         _unlock(path, fd)

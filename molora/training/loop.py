@@ -45,7 +45,7 @@ from molora.training.metrics import MetricsLog
 from molora.training.objective import count_targets, micro_batch_loss
 from molora.training.optim import build_optimizer
 from molora.training.run_config import RunConfig
-from molora.training.run_dir import EXPORT, FINAL, METRICS, RUN_CONFIG, SUMMARY, check_fresh, resolve_resume
+from molora.training.run_dir import EXPORT, FINAL, METRICS, RUN_CONFIG, SUMMARY, check_fresh, resolve_resume, run_lock
 from molora.training.tokenizer import load_tokenizer
 
 __all__ = ["train"]
@@ -82,9 +82,10 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
 
     Returns:
         The run summary (also written to ``output_dir/summary.json``).
-    """
-    from accelerate.utils import set_seed
 
+    Raises:
+        FolderBusyError: another process is writing ``train.output_dir`` (a second run).
+    """
     check_files(config)
     if config.molora.task_names is None:
         config = dataclasses.replace(
@@ -93,6 +94,14 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
     output_dir = Path(config.train.output_dir)
     accelerator = make_accelerator(config.train.mixed_precision)
     check_launcher(accelerator, fsdp=config.train.fsdp)
+    with run_lock(accelerator, output_dir):
+        return _train_locked(config, accelerator, output_dir, resume)
+
+
+def _train_locked(config: RunConfig, accelerator, output_dir: Path, resume) -> dict[str, Any]:
+    """:func:`train` while holding the run folder's lock."""
+    from accelerate.utils import set_seed
+
     ckpt = _start_run_dir(accelerator, config, output_dir, resume)
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config)
