@@ -1,7 +1,7 @@
 """Probe molora with bad inputs; print one row per case: did it fail clearly, or accept silently?
 
     python scripts/probe_bad_inputs.py                  # every case (a few minutes on 2 cores)
-    python scripts/probe_bad_inputs.py --area api       # one area: api, cli, files, training
+    python scripts/probe_bad_inputs.py --area kills     # one area: api, cli, kills, concurrent, disk, owned, training
     python scripts/probe_bad_inputs.py -k symlink       # cases whose name contains a word
 
 The cases live in ``scripts/probes/<area>.py``; each module registers its own (see

@@ -22,7 +22,6 @@ from molora import MoLoRAConfig, MoLoRAModel, get_molora_model
 from molora.atomic import DiskFullError, FolderBusyError, IncompleteSaveError
 from molora.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def trained(task_names=None) -> MoLoRAModel:
@@ -39,13 +38,16 @@ def _state(folder: Path) -> dict[str, bytes]:
 
 @contextlib.contextmanager
 def _locked_by_another_process(path: Path):
-    """A second Python process holding the writer lock of ``path`` until the block ends."""
+    """A second process holding the writer lock of ``path`` (molora.atomic's protocol: an
+    exclusive flock on ``.{name}.molora-lock`` beside it) until the block ends."""
+    lock = path.parent / f".{path.name}.molora-lock"
     code = (
-        "import sys, time; from molora.atomic import writer_lock\n"
-        f"with writer_lock({str(path)!r}):\n    print('locked', flush=True); time.sleep(120)\n"
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT, 0o600); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, f'pid {os.getpid()} on test'.encode()); print('locked', flush=True); time.sleep(120)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
         yield proc.pid

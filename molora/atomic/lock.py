@@ -87,8 +87,15 @@ def writer_lock(path: str | os.PathLike, *, what: str = "folder") -> Iterator[No
         FolderBusyError: another process holds the lock.
     """
     path = real_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _try_lock(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _try_lock(path)
+    except PermissionError as e:
+        raise PermissionError(e.errno, f"cannot write {str(path)!r}: {e.strerror} in {str(path.parent)!r}") from e
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        raise OSError(e.errno, f"cannot write {str(path)!r}: {str(path.parent)!r} is on a read-only file system") from e
     if fd is None:
         raise FolderBusyError(
             errno.EWOULDBLOCK,

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from molora.atomic import FolderBusyError, writer_lock
+from molora.atomic import FolderBusyError, recover_tree, writer_lock
 
 __all__ = [
     "CHECKPOINTS",
@@ -127,6 +127,8 @@ def resolve_resume(resume: bool | str | os.PathLike, output_dir: Path) -> Path:
         FileNotFoundError: no checkpoint, or the path is not a complete checkpoint.
     """
     if resume is True:
+        if (output_dir / CHECKPOINTS).is_dir():
+            recover_tree(output_dir / CHECKPOINTS)  # a checkpoint moved aside by a killed save is put back
         found = checkpoint_dirs(output_dir)
         if not found:
             raise FileNotFoundError(f"--resume: no checkpoint in {str(output_dir / CHECKPOINTS)!r}")

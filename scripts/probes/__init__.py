@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ("api", "cli", "files", "training")  # imported in this order by probe_bad_inputs.py
-EXPECTED = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, RuntimeError, FileExistsError)
+MODULES = ("api", "cli", "kills", "concurrent", "disk", "owned", "training")  # in the order probe_bad_inputs.py runs them
+EXPECTED = (ValueError, TypeError, OSError, RuntimeError)  # OSError: missing, busy, read-only, full disk
 
 
 @dataclass(frozen=True)
