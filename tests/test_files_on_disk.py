@@ -365,3 +365,15 @@ def test_a_second_train_into_the_same_output_dir_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"another process (pid {pid}" in err and "run folder" in err and "Traceback" not in err
     assert (run / "checkpoints" / "step_0000003").is_dir() and (run / "metrics.jsonl").is_file()  # nothing deleted
+
+
+def test_a_file_write_never_deletes_the_temp_file_of_a_live_writer(tmp_path):
+    """Each file write removed every ``.{name}.molora-tmp-*``: another process writing the same
+    file at the same time lost its temporary file and crashed at its rename."""
+    live = tmp_path / f".x.json.molora-tmp-{os.getpid()}-abc"  # this process: alive
+    dead = tmp_path / ".x.json.molora-tmp-999999999-def"  # no such process
+    live.write_text("being written")
+    dead.write_text("left by a kill")
+    atomic.atomic_write_text(tmp_path / "x.json", "{}")
+    atomic.recover_directory(tmp_path / "x.json")  # what readers run
+    assert live.read_text() == "being written" and not dead.exists()

@@ -52,10 +52,10 @@ from molora.atomic.lock import (
     OLD_TAG,
     TMP_TAG,
     FolderBusyError,
-    leftovers,
     real_path,
-    recover_locked,
     recover_directory,
+    recover_locked,
+    remove_dead_temp_files,
     recover_tree,
     writer_lock,
 )
@@ -101,31 +101,10 @@ def _keep_mode(tmp: str | os.PathLike, path: Path) -> None:
     os.chmod(tmp, mode)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
-def _remove_dead_temp_files(path: Path) -> None:
-    """Remove temporary files of earlier writes of the file ``path`` whose process is gone
-    (their names carry the writer's pid: ``.{name}.molora-tmp-{pid}-XXXX``); a temporary file
-    of a live writer is never touched."""
-    for leftover in leftovers(path, TMP_TAG):
-        pid = leftover.name[len(f".{path.name}{TMP_TAG}") :].split("-", 1)[0]
-        if leftover.is_file() and pid.isdigit() and not _pid_alive(int(pid)):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
-
-
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temp_files(path)
+    remove_dead_temp_files(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}{os.getpid()}-", dir=path.parent)
     os.close(fd)
     try:

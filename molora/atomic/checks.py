@@ -25,10 +25,12 @@ class IncompleteSaveError(OSError):
 def _disk_full(err: BaseException, folder: Path) -> bool:
     """Whether a failed write failed for lack of space (torch and safetensors raise their own
     error types, with or without the system's message)."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
     if "No space left" in str(err) or "Disk quota" in str(err):
         return True
+    if isinstance(err, OSError):  # the system says which (a busy folder, a missing file: not a full disk)
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(err, (ValueError, TypeError, LookupError, AttributeError)):
+        return False  # a bad input raised inside the block, whatever the free space
     try:
         return shutil.disk_usage(folder).free < _FULL_BYTES
     except OSError:
@@ -36,13 +38,18 @@ def _disk_full(err: BaseException, folder: Path) -> bool:
 
 
 def raise_if_disk_full(err: BaseException, folder: Path, target: Path) -> None:
-    if isinstance(err, Exception) and not isinstance(err, DiskFullError) and _disk_full(err, folder):
-        free = shutil.disk_usage(folder).free
-        raise DiskFullError(
-            errno.ENOSPC,
-            f"the disk holding {str(target)!r} is full ({free / 2**20:.1f} MiB free; {type(err).__name__} while "
-            f"writing): nothing was half-written, {target.name!r} is as it was before; free some space and retry",
-        ) from err
+    """Raise :class:`DiskFullError` naming ``target`` when ``err`` came from a full disk (a
+    DiskFullError of a file written inside ``target``'s temporary folder is named again for ``target``).
+    """
+    if not isinstance(err, Exception) or not (isinstance(err, DiskFullError) or _disk_full(err, folder)):
+        return
+    cause = err.__cause__ if isinstance(err, DiskFullError) and err.__cause__ is not None else err
+    free = shutil.disk_usage(folder).free
+    raise DiskFullError(
+        errno.ENOSPC,
+        f"the disk holding {str(target)!r} is full ({free / 2**20:.1f} MiB free; {type(cause).__name__} while "
+        f"writing): nothing was half-written, {target.name!r} is as it was before; free some space and retry",
+    ) from cause
 
 
 def check_complete(folder: Path, expect: Iterable[str], *, name: str | None = None) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 TMP_TAG = ".molora-tmp-"  # hidden sibling being written: .{name}.molora-tmp-XXXX
 OLD_TAG = ".molora-old-"  # the previous folder, moved aside by the fallback swap: .{name}.molora-old-XXXX
 _LOCK = ".molora-lock"  # the writer's lock file beside the folder: .{name}.molora-lock
+_READER_GRACE_S = 1.0  # a writer waits this long for a reader's recovery before calling the folder busy
 
 
 class FolderBusyError(BlockingIOError):
@@ -79,6 +80,9 @@ def _holder(path: Path) -> str:
 def writer_lock(path: str | os.PathLike, *, what: str = "folder") -> Iterator[None]:
     """Hold the exclusive writer lock of ``path`` (a flock on ``.{name}.molora-lock`` beside it).
 
+    Readers take the same lock for the moment of their recovery, so a writer that finds it held
+    retries for up to a second before it calls the folder busy.
+
     Args:
         path: the folder (or file) about to be written.
         what: how the refusal names ``path`` ("folder", "run folder").
@@ -90,6 +94,10 @@ def writer_lock(path: str | os.PathLike, *, what: str = "folder") -> Iterator[No
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _try_lock(path)
+        deadline = time.monotonic() + _READER_GRACE_S
+        while fd is None and time.monotonic() < deadline:  # a reader's recovery holds it for a moment
+            time.sleep(0.02)
+            fd = _try_lock(path)
     except PermissionError as e:
         raise PermissionError(e.errno, f"cannot write {str(path)!r}: {e.strerror} in {str(path.parent)!r}") from e
     except OSError as e:
@@ -118,19 +126,40 @@ def leftovers(path: Path, tag: str) -> list[Path]:
     return [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_dead_temp_files(path: Path) -> None:
+    """Remove temporary files of earlier writes of the file ``path`` whose process is gone
+    (their names carry the writer's pid: ``.{name}.molora-tmp-{pid}-XXXX``); a temporary file
+    of a live writer, or of unknown origin, is never touched."""
+    for leftover in leftovers(path, TMP_TAG):
+        pid = leftover.name[len(f".{path.name}{TMP_TAG}") :].split("-", 1)[0]
+        if leftover.is_file() and pid.isdigit() and not pid_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
 def recover_locked(path: Path) -> None:
     """Put back a folder moved aside by a killed fallback swap, and remove the leftovers of
-    interrupted saves of ``path`` (the caller holds the writer lock: no save is running)."""
+    interrupted saves of ``path`` (the caller holds the writer lock: no folder save is running;
+    temporary files of single-file writes, which take no lock, go only when their writer is dead)."""
     olds = leftovers(path, OLD_TAG)
     previous = [old / "previous" for old in olds if (old / "previous").exists()]
     if not path.exists() and previous:
         os.rename(max(previous, key=lambda p: p.stat().st_mtime), path)
     for leftover in leftovers(path, TMP_TAG) + leftovers(path, OLD_TAG):
-        if leftover.is_dir():
+        if leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+    remove_dead_temp_files(path)
 
 
 def recover_directory(path: str | os.PathLike, *, wait_s: float = 2.0) -> None:

@@ -15,6 +15,13 @@ from tiny_models import random_batch, tiny_llama, train_steps  # noqa: E402
 
 from molora import MoLoRAConfig, MoLoRAModel, get_molora_model  # noqa: E402
 
+try:  # no "Writing model shards" bars between the table's rows
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
+except ImportError:  # pragma: no cover - older transformers
+    pass
+
 TINY = str(ROOT / "configs" / "tiny.yaml")
 __all__ = ["TINY", "model", "saved", "base", "edit_json", "a_file", "random_batch", "tiny_llama"]
 

@@ -23,15 +23,14 @@ def _cli_full(argv: list[str], folder: Path | None) -> tuple[bool, str]:
     return ok and "is full" in message and kept, message + ("" if kept else " / FOLDER CHANGED")
 
 
-def _saved_then_full(disk: Path, fill, name: str = "a"):
+def _save_full(disk: Path, fill) -> tuple[bool, str]:
     m = model()
-    m.save_pretrained(disk / name)
+    m.save_pretrained(disk / "a")
     fill()
-    return m
+    return _disk_full_error(lambda: m.save_pretrained(disk / "a"), disk / "a")
 
 
-_full_disk_case("save_pretrained", lambda disk, fill: _disk_full_error(
-    lambda: _saved_then_full(disk, fill).save_pretrained(disk / "a"), disk / "a"))
+_full_disk_case("save_pretrained", _save_full)
 
 
 def _export_full(disk: Path, fill) -> tuple[bool, str]:
