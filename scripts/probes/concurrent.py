@@ -12,7 +12,7 @@ from pathlib import Path
 
 from probes import ROOT, case, clear_exit, expect_error, run_cli
 from probes.common import TINY, base, model
-from probes.fsutil import _api_busy, _bumped, _cli_busy, _held_lock, _hidden, _refused_while_locked, _state, tiny_llama
+from probes.fsutil import _api_busy, _bumped, _cli_busy, _held_lock, _hidden, _refused_while_locked, tiny_llama
 
 import molora.atomic as atomic
 from molora import MoLoRAModel

@@ -11,25 +11,18 @@ skipped (passing), and read-only ones fall back to ``chmod``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
-import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from probes import ROOT, case, clear_exit, expect_error, one_line, run_cli
-from probes.common import TINY, base, model, tiny_llama
+from probes import case, clear_exit, expect_error, run_cli
+from probes.common import tiny_llama  # noqa: F401 - re-exported for the case modules
 
-from molora import MoLoRAConfig, MoLoRAModel, get_molora_model
-from molora.atomic import atomic_directory, atomic_write_text
-
-_rng = random.Random(17)  # the kill delays are random, but the same on every run of the probe
+from molora import MoLoRAModel
 
 
 # --- helpers -------------------------------------------------------------------------------------
