@@ -17,7 +17,10 @@ Loading checks the base model (module names, shapes) and the tensor file (keys, 
 against the metadata before the base model is touched, and says exactly what does not fit.
 The folder is replaced as one unit (:func:`molora.atomic.atomic_directory`): a kill or an error
 at any moment leaves the previous adapter or the new one, never new weights with an old config.
-Other files in the folder (a README, a tokenizer) are kept.
+Other files in the folder (a README, a tokenizer) are kept, and so are its modes (a private
+0700 adapter stays private). A second process saving to the same folder at the same time is
+refused (:class:`molora.atomic.FolderBusyError`); a reader never disturbs a save in progress.
+A symlinked folder is saved into its target.
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ def save_molora(model: Any, save_directory: str | os.PathLike, *, state: dict[st
         "modules_to_save": list(model.modules_to_save),
         "tensors": {k: list(v.shape) for k, v in state.items()},
     }
-    with atomic_directory(directory, owned=lambda name: name in (CONFIG_NAME, WEIGHTS_NAME)) as tmp:
+    owned = (CONFIG_NAME, WEIGHTS_NAME)
+    with atomic_directory(directory, owned=lambda name: name in owned, expect=owned) as tmp:
         atomic_save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "library": "molora"})
         atomic_write_text(tmp / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
 

@@ -257,10 +257,11 @@ def _all_tasks(model: nn.Module, weights: Any) -> list[Any]:
 def _export_all_tasks(model: nn.Module, path: Path, weights: Any, opts: dict[str, Any]) -> dict[str, Any]:
     """One adapter folder per task under ``path`` and the combined report (``task="all"``)."""
     tasks = _all_tasks(model, weights)
-    with export_directory(path) as tmp:
+    folders = {tid: _folder_name(model, tid) for tid in tasks}
+    with export_directory(path, folders=folders.values()) as tmp:
         reports = {}
         for tid in tasks:
-            folder = _folder_name(model, tid)
+            folder = folders[tid]
             (tmp / folder).mkdir()
             gates = resolve_weights(model, weights, tid)
             reports[folder] = {**_export_one(model, tmp / folder, gates, opts, task=tid, folder=folder), "task": tid}

@@ -1,11 +1,17 @@
 """The PEFT LoRA adapter folder an export writes: file names, ``adapter_config.json`` content,
-and the atomic export folder (which keeps the user's own files and refuses foreign folders)."""
+and the atomic export folder (which keeps the user's own files and refuses foreign folders).
+
+An export owns only what its previous run wrote, as that run's ``merge_report.json`` lists:
+its three files and, for ``task="all"``, the task folders named in the report. Anything else in
+the folder (a README, the user's own PEFT adapter folder) is kept, and a task whose folder name
+is taken by such an entry is refused before anything is computed."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,7 @@ __all__ = [
     "MERGE_REPORT",
     "export_directory",
     "peft_adapter_config",
+    "previous_export_entries",
     "peft_target_modules",
 ]
 
@@ -28,23 +35,51 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGE_REPORT = "merge_report.json"
 
 
-def export_directory(path: Path):
-    """:func:`molora.atomic.atomic_directory`, refusing to write into a folder that is not a
-    previous export; in a previous export, files the export did not write are kept."""
+def export_directory(path: Path, *, folders: Iterable[str] = ()):
+    """:func:`molora.atomic.atomic_directory` for an export: refuses a non-empty folder that is
+    not a previous export, and task folders named like an entry the previous export did not
+    write; checks the adapter files before publishing.
+
+    Args:
+        path: the export folder.
+        folders: the task folders this export writes (``task="all"``); none: one adapter.
+
+    Raises:
+        FileExistsError: ``path`` is foreign, or a task folder would replace a user's entry.
+    """
     path = Path(path)
     if path.is_dir() and any(path.iterdir()) and not (path / MERGE_REPORT).exists():
         raise FileExistsError(
             f"export path {path} is a non-empty folder that is not a previous molora export; "
             "choose an empty or new folder"
         )
-    return atomic_directory(path, owned=lambda name: _is_export_entry(path / name))
+    owned = previous_export_entries(path)
+    folders = list(folders)
+    for folder in folders:
+        if folder in _FILES or ((path / folder).exists() and folder not in owned):
+            raise FileExistsError(
+                f"task folder {folder!r} would replace {str(path / folder)!r}, which this export does not own "
+                "(not written by the previous export): rename the task (`task_names`), move that entry, "
+                "or export to another folder; nothing was written"
+            )
+    files = [f"{f}/{n}" for f in folders for n in _FILES] if folders else [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    return atomic_directory(path, owned=lambda name: name in owned, expect=[*files, MERGE_REPORT])
 
 
-def _is_export_entry(entry: Path) -> bool:
-    """An entry a previous export wrote (replaced by the new export); anything else is the user's."""
-    if entry.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_REPORT):
-        return True
-    return entry.is_dir() and (entry / ADAPTER_CONFIG).is_file() and (entry / ADAPTER_WEIGHTS).is_file()
+_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_REPORT)
+
+
+def previous_export_entries(path: Path) -> set[str]:
+    """The names in ``path`` that the previous export wrote: its files, and the task folders its
+    ``merge_report.json`` lists (``{folder: report}`` of a ``task="all"`` export)."""
+    try:
+        report = json.loads((Path(path) / MERGE_REPORT).read_text())
+    except (OSError, ValueError):
+        return set(_FILES)
+    folders = set()
+    if isinstance(report, dict) and "layers" not in report:
+        folders = {k for k, v in report.items() if isinstance(v, dict) and "layers" in v and "/" not in k}
+    return set(_FILES) | folders
 
 
 def _peft_task_type(base: nn.Module) -> str | None:

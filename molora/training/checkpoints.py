@@ -29,7 +29,7 @@ import torch
 
 from molora.atomic import atomic_directory, atomic_write_text
 from molora.core.config import MoLoRAConfig
-from molora.io import adapter_state_dict
+from molora.io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict
 from molora.model import MoLoRAModel
 from molora.training.distributed import gather_full_tensors, is_sharded
 from molora.training.run_dir import CHECKPOINTS, STATE, checkpoint_dirs, checkpoint_step
@@ -144,7 +144,7 @@ def save_checkpoint(
     final = output_dir / CHECKPOINTS / f"step_{state['step']:07d}"
     if accelerator.is_main_process:
         _remove_leftovers(final.parent)
-    with _shared_atomic_directory(accelerator, final) as tmp:
+    with _shared_atomic_directory(accelerator, final, _checkpoint_files(accelerator, model)) as tmp:
         save_adapter(accelerator, model, tmp / "adapter")
         if is_sharded(model):
             torch.save(_sharded_optimizer_state(model, optimizer), tmp / _optimizer_file(accelerator, model))
@@ -163,11 +163,21 @@ def save_checkpoint(
     return final
 
 
+def _checkpoint_files(accelerator, model) -> list[str]:
+    """The files a complete checkpoint holds (checked before it is published)."""
+    n = accelerator.num_processes
+    optimizer = [f"optimizer_rank{r}.pt" for r in range(n)] if is_sharded(model) else ["optimizer.pt"]
+    adapter = [f"adapter/{CONFIG_NAME}", f"adapter/{WEIGHTS_NAME}"]
+    return [*adapter, *optimizer, "scheduler.pt", *[f"rng_rank{r}.pt" for r in range(n)], STATE]
+
+
 @contextlib.contextmanager
-def _shared_atomic_directory(accelerator, path: Path) -> Iterator[Path]:
+def _shared_atomic_directory(accelerator, path: Path, expect: list[str]) -> Iterator[Path]:
     """:func:`molora.atomic.atomic_directory` on the main process; its temporary folder is
-    broadcast to the other ranks, which write into it. The swap happens after every rank is done."""
-    ctx = atomic_directory(path) if accelerator.is_main_process else contextlib.nullcontext(None)
+    broadcast to the other ranks, which write into it. The swap happens after every rank is
+    done, once the ``expect`` files are all there."""
+    main = accelerator.is_main_process
+    ctx = atomic_directory(path, expect=expect) if main else contextlib.nullcontext(None)
     with ctx as tmp:
         shared = [None if tmp is None else str(tmp)]
         if accelerator.num_processes > 1:

@@ -52,9 +52,9 @@ from molora.training.loaders import build_datasets, build_loaders, check_files
 from molora.training.metrics import MetricsLog
 from molora.training.objective import count_targets, micro_batch_loss
 from molora.training.optim import build_optimizer
-from molora.training.reporting import format_eta, make_sinks
+from molora.training.reporting import eta_seconds, input_tokens, lr_text, make_sinks, speed_text
 from molora.training.run_config import RunConfig
-from molora.training.run_dir import EXPORT, FINAL, METRICS, RUN_CONFIG, SUMMARY, check_fresh, resolve_resume
+from molora.training.run_dir import EXPORT, FINAL, METRICS, RUN_CONFIG, SUMMARY, check_fresh, resolve_resume, run_lock
 from molora.training.samples import SAMPLES, eval_samples
 from molora.training.tokenizer import load_tokenizer
 
@@ -99,9 +99,10 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
 
     Returns:
         The run summary (also written to ``output_dir/summary.json``).
-    """
-    from accelerate.utils import set_seed
 
+    Raises:
+        FolderBusyError: another process is writing ``train.output_dir`` (a second run).
+    """
     check_files(config)
     if config.molora.task_names is None:
         config = dataclasses.replace(
@@ -110,6 +111,14 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
     output_dir = Path(config.train.output_dir)
     accelerator = make_accelerator(config.train.mixed_precision)
     check_launcher(accelerator, fsdp=config.train.fsdp)
+    with run_lock(accelerator, output_dir):
+        return _train_locked(config, accelerator, output_dir, resume)
+
+
+def _train_locked(config: RunConfig, accelerator, output_dir: Path, resume) -> dict[str, Any]:
+    """:func:`train` while holding the run folder's lock."""
+    from accelerate.utils import set_seed
+
     ckpt = _start_run_dir(accelerator, config, output_dir, resume)
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config)
@@ -261,7 +270,7 @@ def _train_steps(run: _Run) -> None:
                 bar.set_postfix_str(f"loss {run.last_loss:.4f} | {speed}")
             if bar.disable:  # no bar to show it: print the loss at log_every instead
                 loss = "n/a (no target in the window)" if run.last_loss is None else f"{run.last_loss:.4f}"
-                run.accelerator.print(f"step {run.step}/{t.max_steps} | loss {loss} | {speed} | {_lr_text(lrs)}")
+                run.accelerator.print(f"step {run.step}/{t.max_steps} | loss {loss} | {speed} | {lr_text(lrs)}")
         if t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps:
             run.last_eval = _run_eval(run)
             run.logged_at = time.time()  # tokens/s counts training time only
@@ -278,21 +287,12 @@ def _train_steps(run: _Run) -> None:
     bar.close()
 
 
-def _lr_text(lrs: dict[str, float]) -> str:
-    return " ".join(f"{name} {lr:.2e}" for name, lr in lrs.items())
-
-
 def _eta(run: _Run) -> float | None:
-    """Seconds left at the mean step time of this process's steps so far (evals included)."""
-    done = run.step - run.start_step
-    if done <= 0:
-        return None
-    return (time.time() - run.started) / done * (run.config.train.max_steps - run.step)
+    return eta_seconds(time.time() - run.started, run.step - run.start_step, run.config.train.max_steps - run.step)
 
 
 def _speed_text(run: _Run) -> str:
-    speed = "? tok/s" if run.tokens_per_s is None else f"{run.tokens_per_s:,.0f} tok/s"
-    return f"{speed} | ETA {format_eta(_eta(run))}"
+    return speed_text(run.tokens_per_s, _eta(run))
 
 
 def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]:
@@ -318,7 +318,7 @@ def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]
             accelerator.backward(loss)
         window[:3] += stats.to(window.device, window.dtype)
         window[3] += run.inner.aux_loss().detach().float() / t.grad_accum
-        window[4] += _input_tokens(batch)
+        window[4] += input_tokens(batch)
     if t.max_grad_norm is not None:
         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
     lrs = {f"lr_{g['name']}": g["lr"] for g in run.optimizer.param_groups}  # the lr of this step
@@ -326,12 +326,6 @@ def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return lrs
-
-
-def _input_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Tokens the model read: without padding, or every position of a packed batch (which has no mask)."""
-    mask = batch.get("attention_mask")
-    return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())
 
 
 def _log_train(run: _Run, window: torch.Tensor, window_steps: int, lrs: dict[str, float]) -> None:

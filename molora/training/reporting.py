@@ -13,7 +13,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TENSORBOARD_DIR", "TensorBoardSink", "flatten_scalars", "format_eta", "make_sinks"]
+__all__ = [
+    "TENSORBOARD_DIR",
+    "TensorBoardSink",
+    "eta_seconds",
+    "flatten_scalars",
+    "format_eta",
+    "input_tokens",
+    "lr_text",
+    "make_sinks",
+    "speed_text",
+]
 
 TENSORBOARD_DIR = "tensorboard"
 _SKIP = ("type", "step", "time")  # the record's kind and x axis, not series
@@ -88,3 +98,29 @@ def make_sinks(report_to: list[str], output_dir: Path, *, main: bool) -> list[An
     if not main:
         return []
     return [TensorBoardSink(output_dir / TENSORBOARD_DIR) for target in report_to if target == "tensorboard"]
+
+
+def lr_text(lrs: dict[str, float]) -> str:
+    """``base 1.00e-03 router 2.00e-02``: the learning rates of a train line."""
+    return " ".join(f"{name} {lr:.2e}" for name, lr in lrs.items())
+
+
+def eta_seconds(elapsed: float, done: int, left: int) -> float | None:
+    """Seconds left at the mean step time so far (evals included); None before the first step."""
+    if done <= 0:
+        return None
+    return elapsed / done * left
+
+
+def speed_text(tokens_per_s: float | None, eta: float | None) -> str:
+    """``1,234 tok/s | ETA 3m05s`` for the train line."""
+    speed = "? tok/s" if tokens_per_s is None else f"{tokens_per_s:,.0f} tok/s"
+    return f"{speed} | ETA {format_eta(eta)}"
+
+
+def input_tokens(batch: dict) -> Any:
+    """Tokens the model read: without padding, or every position of a packed batch (which has no mask)."""
+    import torch
+
+    mask = batch.get("attention_mask")
+    return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())

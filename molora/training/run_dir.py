@@ -1,13 +1,18 @@
 """The run folder (``train.output_dir``): the names of what a run writes there, where its
-checkpoints are, and the checks made before a run starts (a fresh run does not mix its
-files with an earlier run's; ``--resume`` finds a complete checkpoint)."""
+checkpoints are, and the checks made before a run starts (one run at a time in a folder:
+:func:`run_lock`; a fresh run does not mix its files with an earlier run's; ``--resume``
+finds a complete checkpoint)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+
+from molora.atomic import FolderBusyError, recover_tree, writer_lock
 
 __all__ = [
     "CHECKPOINTS",
@@ -21,6 +26,7 @@ __all__ = [
     "checkpoint_dirs",
     "checkpoint_step",
     "resolve_resume",
+    "run_lock",
 ]
 
 CHECKPOINTS = "checkpoints"  # step_XXXXXXX/ folders
@@ -51,6 +57,33 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if checkpoint_step(p.name) is not None and (p / STATE).is_file()]
     return sorted(found, key=lambda p: checkpoint_step(p.name))
+
+
+@contextlib.contextmanager
+def run_lock(accelerator, output_dir: Path) -> Iterator[None]:
+    """Hold the run folder's writer lock for the whole run (all processes call; the main one
+    locks): a second ``molora train`` into the same ``output_dir`` is refused before it reads,
+    deletes or writes anything there, instead of dying on the first run's cleanup.
+
+    Raises:
+        FolderBusyError: another process is writing ``output_dir`` (on every rank).
+    """
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(writer_lock(output_dir, what="run folder (train.output_dir)"))
+            except FolderBusyError as e:
+                problem = e.strerror
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            shared = [problem]
+            broadcast_object_list(shared, from_process=0)
+            problem = shared[0]
+        if problem:
+            raise FolderBusyError(11, problem)
+        yield
 
 
 def check_fresh(accelerator, output_dir: Path, *, overwrite: bool) -> None:
@@ -94,6 +127,8 @@ def resolve_resume(resume: bool | str | os.PathLike, output_dir: Path) -> Path:
         FileNotFoundError: no checkpoint, or the path is not a complete checkpoint.
     """
     if resume is True:
+        if (output_dir / CHECKPOINTS).is_dir():
+            recover_tree(output_dir / CHECKPOINTS)  # a checkpoint moved aside by a killed save is put back
         found = checkpoint_dirs(output_dir)
         if not found:
             raise FileNotFoundError(f"--resume: no checkpoint in {str(output_dir / CHECKPOINTS)!r}")

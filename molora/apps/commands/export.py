@@ -7,7 +7,8 @@
 RUN_OR_ADAPTER_DIR is a folder written by ``MoLoRAModel.save_pretrained`` (it holds
 ``molora_config.json``) or a training run folder holding one: ``final/`` is preferred, then
 the highest step (``checkpoints/step_<n>/adapter/`` or ``checkpoint-<n>/``), then the only
-adapter folder found below it. The base model
+adapter folder found below it. Saves interrupted by a kill are first recovered, as the loaders
+do, and hidden folders (saves in progress, leftovers) are never looked into. The base model
 is loaded offline (``local_files_only``) from the ``base_model_name_or_path`` recorded in the
 adapter, or from ``--base``, with the class named in its config's ``architectures``.
 
@@ -135,16 +136,21 @@ def find_adapter_dir(source: str | os.PathLike) -> Path:
     Raises:
         FileNotFoundError: no folder with ``molora_config.json`` at or below ``source``.
     """
+    from molora.atomic import recover_directory, recover_tree
     from molora.io import CONFIG_NAME
 
     root = Path(source)
+    recover_directory(root)  # a save of the folder itself killed between its two renames
     if not root.is_dir():
         raise FileNotFoundError(f"RUN_OR_ADAPTER_DIR {str(root)!r} is not a folder")
+    recover_tree(root)  # the same recovery as the loaders, for final/ and every checkpoint
     if (root / CONFIG_NAME).is_file():
         return root
     if (root / "final" / CONFIG_NAME).is_file():
         return root / "final"
-    found = sorted(p.parent for p in root.rglob(CONFIG_NAME))
+    found = sorted(  # hidden folders are saves in progress or leftovers, never an adapter to export
+        p.parent for p in root.rglob(CONFIG_NAME) if not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     steps = []
     for p in found:  # RUN/checkpoints/step_0000100/adapter, or HF-style checkpoint-100
         numbers = [
@@ -310,13 +316,42 @@ def routing_note(router: str, task: int | str | None) -> str | None:
     )
 
 
+def _check_merge_out(out: Path, base_names: list[str | None], adapter_dir: Path, source: Path) -> None:
+    """``--merge-into-base --out`` must not be (or hold) the base model folder: the merged model
+    would replace the base, and the user's files in it, for good.
+
+    Raises:
+        ValueError: ``out`` is the base folder (given, recorded, or the run's ``base_model/``), after
+            resolving symlinks, or a folder above it.
+    """
+    from molora.training.base_model import BASE_MODEL_DIR
+
+    real_out = Path(os.path.realpath(out))
+    bases = [Path(n) for n in base_names if n] + [f / BASE_MODEL_DIR for f in _search_folders(adapter_dir, source)]
+    for base in bases:
+        if not base.is_dir():
+            continue
+        real = Path(os.path.realpath(base))
+        if real_out == real or real_out in real.parents:
+            where = "is" if real_out == real else "holds"
+            raise ValueError(
+                f"--out {str(out)!r} {where} the base model folder {str(base)!r}: --merge-into-base would replace "
+                "the base model and delete the files in it; write the merged model to another folder"
+            )
+
+
+def _model_files(folder: Path) -> list[str]:
+    """What a saved transformers model must hold: its config and every weight file written."""
+    return ["config.json", *sorted(p.name for p in folder.glob("*.safetensors"))]
+
+
 def _save_merged(model: Any, base_name: str, out: Path) -> None:
     """Save the merged transformers model (and its tokenizer, if it has one) atomically."""
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise FileExistsError(f"--out {str(out)!r} is a non-empty folder that is not a saved model")
     from molora.atomic import atomic_directory
 
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, expect=_model_files) as tmp:
         model.save_pretrained(str(tmp))
         try:
             import transformers
@@ -345,10 +380,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--merge-into-base takes one --task, not 'all'")
         if args.merge_into_base and (args.method != "cat" or args.rank is not None):
             raise ValueError("--merge-into-base folds the exact update into the weights: drop --method svd / --rank")
+        out = Path(args.out)
+        if args.merge_into_base:
+            _check_merge_out(out, [base_name, meta.get("base_model_name_or_path")], adapter_dir, source)
         print(f"adapter: {adapter_dir}\nbase model: {base_name}", file=sys.stderr)
         base = load_base_model(base_name)
         model = MoLoRAModel.from_pretrained(base, adapter_dir)
-        out = Path(args.out)
         if args.merge_into_base:
             merged = model.merge_and_unload(weights=weights, task=task, progress=not args.no_progress)
             _save_merged(merged, base_name, out)

@@ -1,13 +1,18 @@
 """``molora inspect RUN_DIR``: print a run's summary; write ``routing.png`` and ``metrics.png``.
 
 ``molora inspect ADAPTER_DIR`` (a saved MoLoRA adapter, or a PEFT adapter such as an export)
-prints what it holds (:mod:`molora.apps.commands.inspect_adapter`)."""
+prints what it holds (:mod:`molora.apps.commands.inspect_adapter`).
+
+Saves interrupted by a kill are recovered first, as the loaders do (hidden temporary folders
+are never read). In a run folder that cannot be written (read-only), the plots go to a new
+temporary folder instead, with a note saying where."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +146,41 @@ def format_samples(run_dir: Path, width: int = 60) -> str | None:
     return "\n".join(lines)
 
 
+def _plot_folder(run_dir: Path) -> Path:
+    """``run_dir`` when plots can be written there, else a new temporary folder (with a note)."""
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".molora-inspect-", delete=True)
+    except OSError as e:
+        folder = Path(tempfile.mkdtemp(prefix="molora-inspect-"))
+        print(f"note: cannot write plots into {run_dir} ({e.strerror or e}); writing them to {folder}", file=sys.stderr)
+        return folder
+    probe.close()
+    return run_dir
+
+
+def _write_plots(run_dir: Path, records: list[dict[str, Any]], eval_record: dict[str, Any] | None) -> list[Path]:
+    """metrics.png and routing.png in :func:`_plot_folder`."""
+    from molora.apps import plots
+
+    folder = _plot_folder(run_dir)
+    written = [plots.plot_metrics(records, folder / "metrics.png", title=run_dir.name)]
+    if eval_record is not None and eval_record.get("routing"):
+        router = _router(run_dir)
+        first = next(iter(eval_record["routing"].values()))
+        _, label = plots.routing_quantity(router, first)
+        title = f"{run_dir.name}: {label} per task and layer (eval at step {eval_record['step']})"
+        written.append(plots.plot_routing(eval_record["routing"], folder / "routing.png", title=title, router=router))
+    return written
+
+
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     from molora.apps.commands.inspect_adapter import describe_adapter, is_adapter_dir
+    from molora.atomic import recover_directory, recover_tree
+
+    recover_directory(run_dir)  # the same recovery as the loaders (no-op while a writer is at work)
+    if run_dir.is_dir():
+        recover_tree(run_dir)
 
     if not (run_dir / "metrics.jsonl").is_file() and is_adapter_dir(run_dir):
         print(describe_adapter(run_dir))
@@ -178,13 +215,11 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"plots skipped: {e}", file=sys.stderr)
         return 0
-    written = [plots.plot_metrics(records, run_dir / "metrics.png", title=run_dir.name)]
-    if eval_record is not None and eval_record.get("routing"):
-        router = _router(run_dir)
-        first = next(iter(eval_record["routing"].values()))
-        _, label = plots.routing_quantity(router, first)
-        title = f"{run_dir.name}: {label} per task and layer (eval at step {eval_record['step']})"
-        written.append(plots.plot_routing(eval_record["routing"], run_dir / "routing.png", title=title, router=router))
+    try:
+        written = _write_plots(run_dir, records, eval_record)
+    except OSError as e:
+        print(f"molora inspect: plots not written ({e}); the summary above is complete", file=sys.stderr)
+        return 0
     for path in written:
         print(f"wrote {path}")
     return 0
