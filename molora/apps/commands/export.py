@@ -120,6 +120,9 @@ def print_export(report: dict[str, Any], out: Path, task: Any) -> None:
     if any(rep.get("fidelity") for rep in reports.values()):
         print("\nfidelity of the static merge (routed model vs exported adapter):")
         print(format_fidelity_table({folder or out.name: rep for folder, rep in reports.items()}))
+    quantized = next((rep["quantized_base"] for rep in reports.values() if rep.get("quantized_base")), None)
+    if quantized:
+        print(f"\nnote: {quantized['merge']}")
     if any(rep.get("serve") for rep in reports.values()):
         from molora.merge.vllm import serve_command
 
