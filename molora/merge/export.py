@@ -302,7 +302,7 @@ def export_merged_adapter(
             the smallest rank within ``tolerance`` (see :mod:`molora.merge.rank`).
         tolerance: with ``rank="auto"``, the largest relative Frobenius error allowed on any layer.
         target: ``"peft"``, or ``"vllm"``: what vLLM's LoRA loader serves (one rank from
-            {8, 16, 32, 64, 128, 256, 320, 512} on every module, no modules_to_save).
+            {1, 8, 16, 32, 64, 128, 256, 320, 512} on every module, no modules_to_save).
         eval_batches: model input dicts (a list: it is read once per exported task) on which
             the routed model is compared with the exported adapter (report ``"fidelity"``).
         progress: show a tqdm bar over layers.
