@@ -1,5 +1,7 @@
 """Quickstart: wrap a (tiny, built-from-config) Llama in MoLoRA, train two tasks, save, reload
-onto the same base weights, generate with task ids. Runs offline in seconds on a CPU.
+onto the same base weights, generate with task ids. Runs offline on a CPU in about 15 s of CPU
+time, imports included (measured: 13 s with one thread; on a busy machine, OMP_NUM_THREADS=1 keeps
+torch's threads from spinning and the run near that).
 
     python examples/quickstart.py
 """
@@ -88,7 +90,18 @@ def main(steps: int = 80) -> float:
     )
     print("task 0 continues", prompt[0].tolist(), "->", generated[0, 4:].tolist())
     print("task 1 continues", prompt[1].tolist(), "->", generated[1, 4:].tolist())
+    right = [_follows_rule(generated[t].tolist(), 4, t) for t in (0, 1)]
+    print(
+        f"take-away: the reloaded adapter gives the trained model's logits exactly (max diff {diff:.0e}), and the "
+        f"task id alone changes the continuation of the same kind of prompt: {right[0]}/6 tokens of task 0 count up "
+        f"by 1 and {right[1]}/6 of task 1 by 2 after {steps} steps"
+    )
     return diff
+
+
+def _follows_rule(row: list[int], start: int, task: int) -> int:
+    """How many generated tokens (after ``start``) follow task ``task``'s rule (+1 or +2 mod 32)."""
+    return sum(row[i] == (row[i - 1] + task + 1) % 32 for i in range(start, len(row)))
 
 
 if __name__ == "__main__":

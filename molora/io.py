@@ -44,9 +44,17 @@ WEIGHTS_NAME = "molora_model.safetensors"
 
 
 def base_model_name(model: torch.nn.Module) -> str | None:
-    """The name or path the base model was loaded from, if transformers recorded it."""
+    """The name or path the base model was loaded from, if transformers recorded it.
+
+    A local folder is recorded as an absolute path, so that the adapter (and the ``vllm serve``
+    line of an export) finds its base from any directory; a Hub id (no such folder here) is
+    kept as it is.
+    """
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    return str(name) if name else None
+    if not name:
+        return None
+    local = Path(os.path.expanduser(str(name)))
+    return str(local.resolve()) if local.is_dir() else str(name)
 
 
 def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import types
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -320,9 +321,39 @@ class MoLoRAModel(RoutingStatsMixin, nn.Module):
         """Collapse the experts into one PEFT LoRA adapter (see :mod:`molora.merge.export`)."""
         return export.export_merged_adapter(self, path, **kwargs)
 
-    def merge_and_unload(self, **kwargs) -> nn.Module:
-        """Fold s * sum_i w_i B_i A_i into the base weights; return the plain base model."""
-        return export.merge_and_unload(self, **kwargs)
+    def merge_and_unload(
+        self,
+        *,
+        task: int | str | None = None,
+        weights: str | torch.Tensor | Mapping | None = None,
+        progress: bool = False,
+    ) -> nn.Module:
+        """Fold dW = s * sum_i w_i B_i A_i into every base weight; return the plain base model.
+
+        The static gates w come from one task (``task=``: the task router's gates of that task,
+        exact for it) or are given (``weights=``: ``"uniform"``, a ``(N,)`` tensor, ``{layer:
+        (N,)}``, or :func:`molora.measure_gates` output; with per-task measured gates, ``task``
+        picks one). A bitsandbytes 4-bit / 8-bit (QLoRA) base is dequantized first and comes back
+        unquantized in ``model.dtype`` (a warning says so): the correct merge of a quantized
+        base, which PEFT's ``merge_and_unload()`` on the quantized base is not. The MoLoRA model
+        must not be used afterwards.
+
+            merged = model.merge_and_unload(task="code")                 # task router: exact
+            merged = model.merge_and_unload(weights=measure_gates(model, batches))   # token routers
+
+        Args:
+            task: a task id or name (not ``"all"``: one model holds one merge).
+            weights: static gates, see :func:`molora.merge.gates.resolve_weights`; None with
+                ``task`` takes the task router's gates, None without it is uniform.
+            progress: show a tqdm bar over layers.
+
+        Returns:
+            The base transformers model with merged weights.
+
+        Raises:
+            ValueError: bad ``task`` / ``weights``, or a quantized base that cannot be dequantized.
+        """
+        return export.merge_and_unload(self, weights=weights, task=task, progress=progress)
 
     @classmethod
     def from_lora_adapters(

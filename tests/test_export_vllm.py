@@ -204,7 +204,7 @@ def test_vllm_export_refuses_modules_to_save(tmp_path):
 
 
 def test_vllm_rank():
-    assert [vllm_rank(k) for k in (1, 8, 9, 300, 321, 512)] == [8, 8, 16, 320, 512, 512]
+    assert [vllm_rank(k) for k in (1, 2, 8, 9, 300, 321, 512)] == [1, 8, 8, 16, 320, 512, 512]  # vLLM 0.34 allows 1
     with pytest.raises(ValueError, match="above vLLM's largest"):
         vllm_rank(513)
 
@@ -220,10 +220,12 @@ def good_adapter(tmp_path_factory):
     return path, fresh
 
 
-def _mutate(src, dst, config=None, tensors=None):
+def _mutate(src, dst, config=None, tensors=None, drop=()):
     dst.mkdir()
     cfg = json.loads((src / "adapter_config.json").read_text())
     cfg.update(config or {})
+    for key in drop:
+        del cfg[key]
     (dst / "adapter_config.json").write_text(json.dumps(cfg))
     weights = load_file(str(src / "adapter_model.safetensors"))
     if tensors:
@@ -236,15 +238,26 @@ def _first(weights, suffix):
     return next(k for k in sorted(weights) if k.endswith(suffix))
 
 
-BAD = {
-    "rank_pattern": ({"rank_pattern": {"q_proj": 4}}, None, "rank_pattern is set"),
-    "alpha_pattern": ({"alpha_pattern": {"q_proj": 4}}, None, "alpha_pattern is set"),
+BAD = {  # vLLM 0.34's rules (vllm/lora/peft_helper.py, lora_model.py)
     "modules_to_save": ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
     "dora": ({"use_dora": True}, None, "DoRA"),
     "bias": ({"bias": "lora_only"}, None, "bias='lora_only'"),
+    "lora_bias": ({"lora_bias": True}, None, "LoRA bias (lora_bias)"),
+    "pissa": ({"init_lora_weights": "pissa"}, None, "init_lora_weights='pissa'"),
+    "pissa_niter": ({"init_lora_weights": "pissa_niter_4"}, None, "init_lora_weights='pissa_niter_4'"),
+    "olora": ({"init_lora_weights": "olora"}, None, "init_lora_weights='olora'"),
+    "corda": ({"init_lora_weights": "corda"}, None, "init_lora_weights='corda'"),
+    "loftq": ({"init_lora_weights": "loftq"}, None, "init_lora_weights='loftq'"),
+    "layer_replication": ({"layer_replication": [[0, 2], [1, 2]]}, None, "layer_replication"),
+    "fan_in_fan_out": ({"fan_in_fan_out": True}, None, "Conv1D"),
+    "layers_to_transform": ({"layers_to_transform": [0]}, None, "vLLM ignores it"),
     "rank_too_big": ({"r": 640, "lora_alpha": 640}, None, "above vLLM's largest"),
+    "pattern_rank_too_big": ({"rank_pattern": {"q_proj": 640}}, None, "largest rank_pattern rank=640"),
+    "pattern_rank_not_int": ({"rank_pattern": {"q_proj": 0}}, None, "rank_pattern values must be ints"),
+    "no_alpha": ({}, None, "lacks ['lora_alpha']"),  # the key is dropped, see the test
     "not_lora": ({"peft_type": "IA3"}, None, "peft_type"),
-    "rank_mismatch": (None, lambda w: {**w, _first(w, "lora_A.weight"): w[_first(w, "lora_A.weight")][:4]}, "rank r=8"),
+    "rank_mismatch": (None, lambda w: {**w, _first(w, "lora_A.weight"): w[_first(w, "lora_A.weight")][:4]}, "rank 8"),
+    "pattern_rank_mismatch": ({"rank_pattern": {"q_proj": 4}}, None, "with rank 4"),
     "extra_tensor": (None, lambda w: {**w, "base_model.model.score.weight": torch.zeros(3, 32)}, "not a LoRA factor"),
     "bias_tensor": (
         None,
@@ -259,7 +272,8 @@ BAD = {
 def test_validator_flags_each_rule(good_adapter, tmp_path, kind):
     src, _ = good_adapter
     config, tensors, message = BAD[kind]
-    problems = check_vllm_adapter(_mutate(src, tmp_path / kind, config, tensors))
+    drop = ["lora_alpha"] if kind == "no_alpha" else []
+    problems = check_vllm_adapter(_mutate(src, tmp_path / kind, config, tensors, drop))
     assert problems and any(message in p for p in problems), problems
 
 
@@ -281,3 +295,43 @@ def test_validator_good_adapter_rank_limit_and_base(good_adapter, tmp_path):
     assert any("['wq'] are not modules of the model" in p for p in check_vllm_adapter(wrong, base_model=fresh))
     (tmp_path / "empty").mkdir()
     assert "adapter_config.json is missing" in check_vllm_adapter(tmp_path / "empty")[0]
+
+
+def test_validator_accepts_what_vllm_034_accepts(good_adapter, tmp_path):
+    """rank_pattern / alpha_pattern are applied per module, --max-lora-rank 1 exists, classification
+    heads in modules_to_save and plain inits load (vLLM 0.34's peft_helper.py)."""
+    src, fresh = good_adapter
+    q_keys = lambda w: [k for k in w if ".q_proj." in k]  # noqa: E731
+    patterned = _mutate(
+        src,
+        tmp_path / "pattern",
+        {"rank_pattern": {"q_proj": 16}, "alpha_pattern": {"q_proj": 32}},
+        lambda w: {
+            k: (torch.cat([v, torch.zeros_like(v)], dim=0 if "lora_A" in k else 1) if k in q_keys(w) else v)
+            for k, v in w.items()
+        },
+    )
+    assert check_vllm_adapter(patterned, base_model=fresh) == []
+    assert any("largest rank_pattern rank=16 is greater than max_lora_rank=8" in p for p in check_vllm_adapter(patterned, max_lora_rank=8))
+    rank1 = _mutate(
+        src, tmp_path / "r1", {"r": 1, "lora_alpha": 1}, lambda w: {k: (v[:1] if "lora_A" in k else v[:, :1]).contiguous() for k, v in w.items()}
+    )
+    assert check_vllm_adapter(rank1, max_lora_rank=1) == []
+    head = _mutate(
+        src, tmp_path / "head", {"modules_to_save": ["score"], "init_lora_weights": "gaussian"},
+        lambda w: {**w, "base_model.model.score.weight": torch.zeros(3, 32)},
+    )
+    assert check_vllm_adapter(head) == []
+
+
+def test_check_vllm_cli_names_the_rules_version_and_what_is_not_checked(good_adapter, tmp_path, capsys):
+    from molora.apps.cli import main
+
+    src, _ = good_adapter
+    assert main(["check-vllm", str(src), "--max-lora-rank", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "vLLM 0.34" in out and "not checked: whether vLLM supports LoRA for the base model's architecture" in out
+    bad = _mutate(src, tmp_path / "pissa", {"init_lora_weights": "pissa"})
+    assert main(["check-vllm", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "init_lora_weights='pissa'" in out and "vLLM 0.34" in out

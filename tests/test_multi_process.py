@@ -1,15 +1,19 @@
-"""Two-process training on CPU (gloo): DDP through ``accelerate launch``, FSDP2 with
-``train.fsdp=true`` (the same command), and an FSDP2 resume through torchrun.
+"""Two-process training on CPU (gloo): the README's three Multi-GPU commands (DDP through
+``accelerate launch``, FSDP2 with ``train.fsdp=true``, FSDP2 through torchrun), run one after
+another in one folder as written (each writes its own ``train.output_dir``), then an FSDP2 resume
+through torchrun and a user error under torchrun (printed once).
 
 The FSDP2 run must end with the DDP run's adapter (the same data, seed and averaging: only the
 order of the reductions differs), and a resume from its sharded checkpoint must reproduce its
-losses. Three launches of the tiny config, about 15 s each on 2 cores.
+losses. Four launches of the tiny config, about 15 s each on 2 cores, and one that stops at the
+config check.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +39,7 @@ def _overrides(root: Path, out: str, extra: dict | None = None) -> list[str]:
     return tiny_run_overrides(root, out, {"data.num_samples": 16, **values, **(extra or {})})
 
 
-def _launch(root: Path, args: list[str], *, torchrun: bool = False) -> None:
+def _launch(root: Path, args: list[str], *, torchrun: bool = False, ok: bool = True) -> subprocess.CompletedProcess:
     """Run ``molora train`` in 2 CPU processes: ``accelerate launch --multi_gpu`` (the README's
     command) or torchrun."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -48,7 +52,22 @@ def _launch(root: Path, args: list[str], *, torchrun: bool = False) -> None:
         launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     cmd = [sys.executable, "-m", *launch, "-m", "molora.cli", "train", str(TINY_CONFIG), *args]
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def readme_multi_gpu_commands() -> list[tuple[bool, list[str]]]:
+    """(torchrun?, overrides) of each command of the README's Multi-GPU block."""
+    text = (REPO_ROOT / "README.md").read_text()
+    block = text[text.index("## Multi-GPU") :].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = []
+    for line in block.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            launcher, rest = line.split(" -m molora.cli train configs/tiny.yaml")
+            commands.append((launcher.startswith("torchrun"), rest.split()))
+    return commands
 
 
 def _records(run: Path, kind: str) -> list[dict]:
@@ -67,15 +86,46 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(root) -> Path:
-    _launch(root, _overrides(root, "ddp"))
-    return root / "ddp"
+def readme_runs(root) -> dict[str, Path]:
+    """The README's commands, one after another in ``root``, as written; the test adds only what
+    makes the tiny config a few-step run (never ``train.output_dir``)."""
+    small = [a for a in _overrides(root, "unused") if not a.startswith("train.output_dir=")]
+    runs = {}
+    for torchrun, overrides in readme_multi_gpu_commands():
+        out = next(a.split("=", 1)[1] for a in overrides if a.startswith("train.output_dir="))
+        kind = ("torchrun_" if torchrun else "") + ("fsdp" if "train.fsdp=true" in overrides else "ddp")
+        _launch(root, [*small, *overrides], torchrun=torchrun)
+        runs[kind] = root / out
+    return runs
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(root) -> Path:
-    _launch(root, _overrides(root, "fsdp", {"train.fsdp": "true"}))
-    return root / "fsdp"
+def ddp_run(readme_runs) -> Path:
+    return readme_runs["ddp"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(readme_runs) -> Path:
+    return readme_runs["fsdp"]
+
+
+def test_readme_commands_run_one_after_another(readme_runs):
+    assert sorted(readme_runs) == ["ddp", "fsdp", "torchrun_fsdp"]
+    assert len({p.resolve() for p in readme_runs.values()}) == 3
+    for kind, run in readme_runs.items():
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["num_processes"] == 2 and summary["fsdp"] is (kind != "ddp"), kind
+    assert _max_diff(readme_runs["fsdp"] / "final", readme_runs["torchrun_fsdp"] / "final") <= 1e-6
+
+
+def test_a_user_error_under_torchrun_is_printed_once(root):
+    proc = _launch(root, ["molora.num_experts=0", "train.output_dir=bad"], torchrun=True, ok=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    lines = [line for line in output.splitlines() if line.startswith("molora train: error:")]
+    assert len(lines) == 1, output[-3000:]  # once, not once per rank
+    assert "molora.num_experts" in output[output.index(lines[0]) :].split("\n\n")[0], output[-3000:]
+    assert not re.search(r"^Traceback.*\n(?:.*\n)*?.*molora/", output, re.M), "a traceback through molora"
 
 
 def test_two_process_accelerate_launch(ddp_run):

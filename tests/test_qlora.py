@@ -107,6 +107,35 @@ def test_export_per_task_loads_with_peft_on_the_4bit_base(base_dir, tmp_path):
             torch.testing.assert_close(peft_model(input_ids=ids).logits, routed, rtol=0, atol=1e-3)
 
 
+def test_4bit_export_report_says_how_to_merge_and_that_way_is_right(base_dir, tmp_path):
+    """The report's note: PEFT's merge_and_unload on the 4-bit base keeps it 4-bit (the update is
+    rounded away); base.dequantize() before PEFT's merge (or molora's merge) gives the routed model."""
+    from peft import PeftModel
+
+    model = _task_model(_load(base_dir, 4))
+    batch = _batch()
+    train_steps(model, batch, steps=3, lr=5e-2)
+    report = model.export_merged_adapter(tmp_path / "export", task=1)
+    note = report["quantized_base"]
+    assert note["kind"] == "4-bit" and "PEFT's merge_and_unload() on the 4-bit base keeps the layers 4-bit" in note["merge"]
+    assert "--merge-into-base" in note["merge"] and "MoLoRAModel.merge_and_unload(task=T)" in note["merge"]
+    assert "base.dequantize()" in note["merge"]
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        routed = model(input_ids=ids, task_ids=[1, 1]).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept_4bit = PeftModel.from_pretrained(_load(base_dir, 4), tmp_path / "export").merge_and_unload()
+        base = _load(base_dir, 4)
+        base.dequantize()
+        right = PeftModel.from_pretrained(base, tmp_path / "export").merge_and_unload()
+    assert type(kept_4bit.get_submodule("model.layers.0.self_attn.q_proj")).__name__ == "Linear4bit"
+    with torch.no_grad():
+        wrong_gap = (kept_4bit(input_ids=ids).logits - routed).abs().max().item()
+        right_gap = (right(input_ids=ids).logits - routed).abs().max().item()
+    assert right_gap < 5e-3 and wrong_gap > 2 * right_gap, (right_gap, wrong_gap)
+
+
 @pytest.mark.parametrize("bits, kind", [(4, "4-bit"), (8, "8-bit")])
 def test_merge_and_unload_dequantizes_and_merges(base_dir, bits, kind):
     model = _task_model(_load(base_dir, bits))

@@ -95,7 +95,7 @@ from molora.merge.peft_format import (
     export_directory,
     peft_adapter_config,
 )
-from molora.merge.quantized import dequantize_for_merge
+from molora.merge.quantized import base_quantization, dequantize_for_merge, merge_note
 from molora.merge.rank import choose_rank
 from molora.merge.vllm import check_vllm_config, serve_command, vllm_rank
 
@@ -195,6 +195,8 @@ def _export_one(
         base, {n: f.lora_A.shape[0] for n, f in kept.items()}, fan_in_fan_out=fan_in_fan_out, modules_to_save=to_save
     )
     report: dict[str, Any] = {"method": method, "rank": rank, "target": target, "layers": report_layers}
+    if kind := base_quantization({n: layer.base_layer for n, layer in layers.items()}):
+        report["quantized_base"] = {"kind": kind, "merge": merge_note(kind)}
     if auto is not None:
         report["auto"] = auto
     if target == "vllm":
@@ -301,7 +303,7 @@ def export_merged_adapter(
             the smallest rank within ``tolerance`` (see :mod:`molora.merge.rank`).
         tolerance: with ``rank="auto"``, the largest relative Frobenius error allowed on any layer.
         target: ``"peft"``, or ``"vllm"``: what vLLM's LoRA loader serves (one rank from
-            {8, 16, 32, 64, 128, 256, 320, 512} on every module, no modules_to_save).
+            {1, 8, 16, 32, 64, 128, 256, 320, 512} on every module, no modules_to_save).
         eval_batches: model input dicts (a list: it is read once per exported task) on which
             the routed model is compared with the exported adapter (report ``"fidelity"``).
         progress: show a tqdm bar over layers.
@@ -309,7 +311,8 @@ def export_merged_adapter(
     Returns:
         The report: ``{"method", "rank", "target", "layers": {name: {"rank", "rel_error",
         "weights"}}, "task"}``, plus ``"auto"``, ``"max_lora_rank"`` and ``"serve"``
-        (vLLM), ``"fidelity"`` where they apply; with ``task="all"``, ``{folder_name: report}``.
+        (vLLM), ``"fidelity"``, and ``"quantized_base"`` (a 4-bit / 8-bit base: ``{"kind",
+        "merge"}``, how to merge the adapter into weights correctly) where they apply; with ``task="all"``, ``{folder_name: report}``.
 
     Raises:
         ValueError: bad ``method``/``rank``/``weights``/``task``/``target``, an all-zero merge,

@@ -15,7 +15,7 @@ import warnings
 
 from torch import nn
 
-__all__ = ["dequantize_for_merge", "quantized_kind"]
+__all__ = ["base_quantization", "dequantize_for_merge", "merge_note", "quantized_kind"]
 
 
 def quantized_kind(layer: nn.Module) -> str | None:
@@ -24,6 +24,29 @@ def quantized_kind(layer: nn.Module) -> str | None:
     if weight is None or weight.dtype.is_floating_point:
         return None
     return "4-bit" if hasattr(weight, "quant_state") or type(layer).__name__ == "Linear4bit" else "8-bit"
+
+
+def base_quantization(base_layers: dict[str, nn.Module]) -> str | None:
+    """``"4-bit"``, ``"8-bit"`` (or both, ``"4-bit/8-bit"``) when any of ``base_layers`` is
+    bitsandbytes-quantized, else None."""
+    kinds = {kind for layer in base_layers.values() if (kind := quantized_kind(layer))}
+    return "/".join(sorted(kinds)) or None
+
+
+def merge_note(kind: str) -> str:
+    """How to merge an adapter exported over a ``kind`` (bitsandbytes) base into weights correctly.
+
+    PEFT's ``merge_and_unload()`` on the quantized base adds the update to the dequantized
+    weights and quantizes them again: the layers stay 4-bit / 8-bit and most of the update is
+    rounded away, so the merged model's logits are not the adapter's.
+    """
+    return (
+        f"the base is bitsandbytes {kind}: PeftModel.from_pretrained(base, adapter) serves this adapter on it, but "
+        f"PEFT's merge_and_unload() on the {kind} base keeps the layers {kind} and rounds the update away (wrong "
+        "logits). To merge into weights: `molora export RUN --task T --merge-into-base --out DIR`, or "
+        "MoLoRAModel.merge_and_unload(task=T), which dequantize first; with PEFT, call base.dequantize() before "
+        "PeftModel.from_pretrained(base, adapter).merge_and_unload()"
+    )
 
 
 def dequantize_for_merge(base_model: nn.Module, base_layers: dict[str, nn.Module]) -> None:

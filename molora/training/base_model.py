@@ -11,6 +11,7 @@ import torch
 
 from molora.atomic import atomic_directory
 from molora.training.run_config import RunConfig
+from molora.training.quiet import quiet_bitsandbytes_import
 
 __all__ = ["BASE_MODEL_DIR", "check_vocab", "keep_base_with_run", "load_base_model", "prepare_quantized_base"]
 
@@ -146,17 +147,16 @@ def prepare_quantized_base(base: torch.nn.Module, config: RunConfig) -> torch.nn
         from peft import prepare_model_for_kbit_training
     except ImportError as err:
         raise ImportError("'model.quantization' needs peft: pip install 'molora[qlora]'") from err
-    return prepare_model_for_kbit_training(
-        base,
-        use_gradient_checkpointing=m.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    # checkpointing is enabled later on the MoLoRA model (model.gradient_checkpointing), with the
+    # method's current name: PEFT's call of the old one warns on transformers 5
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
 
 
 def _quantized_loading(quantization: dict[str, Any]) -> dict[str, Any]:
     """``from_pretrained`` kwargs of a bitsandbytes base: its config and this process's device."""
     import transformers
 
+    quiet_bitsandbytes_import()
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:

@@ -40,8 +40,7 @@ def export_per_task(
         print(f"export skipped under FSDP: export the adapter in {path.parent / FINAL} with `molora export`")
         return None
     if config.molora.router == "task":
-        model.export_merged_adapter(path, task="all")
-        return str(path)
+        return _report(model.export_merged_adapter(path, task="all"), path)
     if not eval_sets:
         print("export skipped: per-task gates are measured on eval data and no task has an eval file")
         return None
@@ -56,5 +55,12 @@ def export_per_task(
 
     model.track_routing_stats = False
     gates = measure_gates(model, batches(), by_task=True)
-    model.export_merged_adapter(path, weights=gates, task="all")
+    return _report(model.export_merged_adapter(path, weights=gates, task="all"), path)
+
+
+def _report(reports: dict, path: Path) -> str:
+    """Print how to merge the export into weights where the base is quantized; returns ``path``."""
+    note = next((rep["quantized_base"]["merge"] for rep in reports.values() if rep.get("quantized_base")), None)
+    if note:
+        print(f"export in {path}; note: {note.replace('RUN', str(path.parent))}")
     return str(path)

@@ -52,6 +52,7 @@ from molora.training.loaders import build_datasets, build_loaders, check_files
 from molora.training.metrics import MetricsLog
 from molora.training.objective import count_targets, micro_batch_loss
 from molora.training.optim import build_optimizer
+from molora.training.quiet import library_progress
 from molora.training.reporting import eta_seconds, input_tokens, lr_text, make_sinks, speed_text
 from molora.training.run_config import RunConfig
 from molora.training.run_dir import EXPORT, FINAL, METRICS, RUN_CONFIG, SUMMARY, check_fresh, resolve_resume, run_lock
@@ -122,10 +123,11 @@ def _train_locked(config: RunConfig, accelerator, output_dir: Path, resume) -> d
     ckpt = _start_run_dir(accelerator, config, output_dir, resume)
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config)
-    with accelerator.main_process_first():
-        train_ds, eval_sets = build_datasets(config, tokenizer)
+    with library_progress(config.train.progress_bar and accelerator.is_main_process):  # one bar, on rank 0
+        with accelerator.main_process_first():
+            train_ds, eval_sets = build_datasets(config, tokenizer)
+        model = _build_model(config, tokenizer, output_dir, ckpt=ckpt, main=accelerator.is_main_process)
     collator = MultitaskCollator.from_tokenizer(tokenizer, pad_to_multiple_of=config.data.pad_to_multiple_of)
-    model = _build_model(config, tokenizer, output_dir, ckpt=ckpt, main=accelerator.is_main_process)
     trainable, total = model.get_nb_trainable_parameters()
     run = _prepare(accelerator, config, output_dir, model, train_ds, eval_sets, collator)
     run.tokenizer, run.eval_sets = tokenizer, eval_sets
@@ -176,6 +178,7 @@ def _build_model(config: RunConfig, tokenizer, output_dir: Path, *, ckpt: Path |
         # on the wrapper: it also makes the inputs require grad, so experts behind the frozen
         # embeddings get gradients; non-reentrant checkpointing is the one torch recommends
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False  # no KV cache under checkpointing (transformers would warn and drop it)
     return model
 
 

@@ -1,9 +1,12 @@
 """``molora check-vllm ADAPTER_DIR [--max-lora-rank R] [--base NAME_OR_PATH]``: would vLLM serve it?
 
-Applies vLLM's LoRA loading rules (:func:`molora.merge.vllm.check_vllm_adapter`) to any PEFT
-adapter folder, molora's exports or not: one rank ``r`` (no rank/alpha patterns, which vLLM
-ignores), ``r`` within ``--max-lora-rank``, no ``modules_to_save``, no DoRA, no bias, only
-lora_A/lora_B tensors of the right rank. With ``--base`` (or the ``base_model_name_or_path``
+Applies vLLM 0.34's LoRA loading rules (:func:`molora.merge.vllm.check_vllm_adapter`; the
+module docstring of :mod:`molora.merge.vllm` lists them) to any PEFT adapter folder, molora's
+exports or not: every module's rank (``r``, per-module ``rank_pattern``) within
+``--max-lora-rank``, no ``modules_to_save`` but classification heads, no DoRA, no bias or
+``lora_bias``, no PiSSA/OLoRA/CorDA/LoftQ init, no ``layer_replication``, no ``fan_in_fan_out``
+(GPT-2's Conv1D), only lora_A/lora_B tensors of each module's rank. Whether vLLM supports LoRA
+for the model's architecture is not checked; the output says so. With ``--base`` (or the ``base_model_name_or_path``
 the adapter records, when it is a local folder) the target modules and shapes are checked
 against that model too. Exit status 0: servable as it is; 1: problems (listed); 2: usage errors.
 """
@@ -40,26 +43,31 @@ def _base_model(args: argparse.Namespace, path: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    from molora.merge.vllm import VLLM_RANKS, check_vllm_adapter, serve_command
+    from molora.merge.vllm import NOT_CHECKED, VLLM_VERSION, check_vllm_adapter, max_rank, serve_command, vllm_rank
 
     path = Path(args.adapter_dir)
     if not path.is_dir():
-        print(f"molora check-vllm: {str(path)!r} is not a folder", file=sys.stderr)
+        print(f"molora check-vllm: error: ADAPTER_DIR {str(path)!r} is not a folder", file=sys.stderr)
         return 2
     try:
         name, base = _base_model(args, path)
     except (OSError, ValueError) as e:
-        print(f"molora check-vllm: cannot load the base model: {e}", file=sys.stderr)
+        print(f"molora check-vllm: error: cannot load the base model (--base): {e}", file=sys.stderr)
         return 2
     problems = check_vllm_adapter(path, max_lora_rank=args.max_lora_rank, base_model=base)
+    rules = f"checked against vLLM {VLLM_VERSION}'s LoRA loading rules; not checked: {NOT_CHECKED}"
     if problems:
         print(f"{path}: vLLM would not serve this adapter as it is:")
         print("\n".join(f"  - {p}" for p in problems))
+        print(f"({rules})")
         print("re-export it with `molora export ... --target vllm`")
         return 1
-    r = json.loads((path / "adapter_config.json").read_text())["r"]
+    config = json.loads((path / "adapter_config.json").read_text())
+    r = max_rank(config)
     checked = f", modules checked against {name}" if base is not None else ""
-    rank = next(k for k in VLLM_RANKS if k >= r)
-    print(f"{path}: OK for vLLM (r={r}{checked}); serve with --max-lora-rank {rank}:")
+    ranks = f"r={config['r']}" + (f", max rank {r} (rank_pattern)" if r != config["r"] else "")
+    rank = args.max_lora_rank or vllm_rank(r)
+    print(f"{path}: OK for vLLM ({ranks}{checked}); serve with --max-lora-rank {rank}:")
     print(f"  {serve_command(path, rank, name)}")
+    print(f"({rules})")
     return 0

@@ -121,6 +121,9 @@ def print_export(report: dict[str, Any], out: Path, task: Any) -> None:
     if any(rep.get("fidelity") for rep in reports.values()):
         print("\nfidelity of the static merge (routed model vs exported adapter):")
         print(format_fidelity_table({folder or out.name: rep for folder, rep in reports.items()}))
+    quantized = next((rep["quantized_base"] for rep in reports.values() if rep.get("quantized_base")), None)
+    if quantized:
+        print(f"\nnote: {quantized['merge']}")
     if any(rep.get("serve") for rep in reports.values()):
         from molora.merge.vllm import serve_command
 
@@ -234,8 +237,8 @@ def _measured(adapter_dir: Path, source: Path, task: int | str | None) -> Any:
             return gates_from_json(_pool_tasks(routing))
     raise FileNotFoundError(
         f"--weights measured: no {' or '.join(GATES_FILES)} and no eval routing in {METRICS} at "
-        f"{str(adapter_dir)!r} or {str(source)!r}; write gates with "
-        "molora.merge.export.save_gates(molora.measure_gates(model, batches), path) or pass a FILE"
+        f"{str(adapter_dir)!r} or {str(source)!r}; train with eval files (data.tasks.<task>.eval) so that "
+        f"{METRICS} records the routing, or pass --weights FILE (gates saved with molora.merge.export.save_gates)"
     )
 
 
@@ -399,7 +402,9 @@ def run(args: argparse.Namespace) -> int:
             eval_batches=_fidelity_batches(source, adapter_dir, args.fidelity_batches),
         )
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
-        print(f"molora export: error: {err}", file=sys.stderr)
+        from molora.apps.cli_errors import EXPORT_FLAGS, cli_message
+
+        print(f"molora export: error: {cli_message(str(err), EXPORT_FLAGS)}", file=sys.stderr)
         return 2
     print_export(report, out, task)
     if task != "all":

@@ -8,12 +8,22 @@ or field; ``NotImplementedError`` marks a set-up molora does not support. Those 
 one line, ``molora train: error: ...``, with exit status 2. Every other exception (``TypeError``,
 ``KeyError``, ``IndexError``, ``RuntimeError``, ``AssertionError``, ...) is a bug, in molora or
 below it, and keeps its traceback. ``--debug`` shows the traceback of user errors too.
+
+Under ``torchrun`` or ``accelerate launch`` every process meets the same user error: rank 0 prints
+it (once, not once per rank) and every rank exits 2. The other ranks record their message in the
+launcher's error file (``TORCHELASTIC_ERROR_FILE``), so that an error met on them alone is named
+in the launcher's failure summary. The launcher then prints that summary with its own
+traceback (``ChildFailedError``); it does so for any process that exits with a failure status,
+so it cannot be silenced without hiding the failure from the shell.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -78,8 +88,27 @@ def run(args: argparse.Namespace) -> int:
     except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f"molora train: error: {e}", file=sys.stderr)
+        report_user_error(f"molora train: error: {e}")
         return 2
+
+
+def report_user_error(message: str) -> None:
+    """Print ``message`` on stderr once: on rank 0 of a launched run (``RANK``), or with no launcher.
+
+    Other ranks write it to the launcher's error file instead (torchrun's JSON format), where the
+    launcher's failure summary shows it.
+    """
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+        return
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        record = {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": record}, f)
+        except OSError:
+            pass  # the launcher then reports the exit status alone
 
 
 def _train(args: argparse.Namespace) -> int:

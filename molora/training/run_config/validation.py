@@ -4,8 +4,10 @@ Problems are collected and raised once, each naming its dotted key."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +104,16 @@ def _build_molora(raw: dict[str, Any], problems: list[str]) -> MoLoRAConfig | No
     except ValueError as e:
         lines = str(e).splitlines()
         details = [line.strip().removeprefix("- ") for line in lines[1:]] or lines
-        problems.extend(f"molora: {d}" for d in details)
+        problems.extend(f"molora: {_as_run_config_keys(d)}" for d in details)
         return None
+
+
+def _as_run_config_keys(detail: str) -> str:
+    """MoLoRAConfig's message with its fields named as the run config's keys: ```top_k``` and
+    ``num_experts=4`` become ``molora.top_k`` and ``molora.num_experts=4`` (what a user writes)."""
+    fields = {f.name for f in dataclasses.fields(MoLoRAConfig)}
+    detail = re.sub(r"`(\w+)((?:\[[^\]`]*\])?)`", lambda m: f"molora.{m[1]}{m[2]}" if m[1] in fields else m[0], detail)
+    return re.sub(r"(?<![.\w`])(\w+)=", lambda m: f"molora.{m[1]}=" if m[1] in fields else m[0], detail)
 
 
 def _build_data(
