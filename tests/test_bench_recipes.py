@@ -22,7 +22,7 @@ def one_thread():
 
 
 def _case(router, ratio, aux, seed, eval_, test, suite="demo"):
-    return {"suite": suite, "router": router, "ratio": ratio, "aux": aux, "seed": seed, "eval": eval_, "test": test}
+    return {"suite": suite, "steps": 60, "router": router, "ratio": ratio, "aux": aux, "seed": seed, "eval": eval_, "test": test}
 
 
 def test_choice_is_the_best_mean_eval_not_the_best_test():
@@ -34,21 +34,21 @@ def test_choice_is_the_best_mean_eval_not_the_best_test():
         # ratio 50: a higher eval on one seed only (a screening run): cannot be chosen
         _case("task", 50.0, 0.0, 0, 0.95, 0.9),
     ]
-    settings = recipes.summarize(cases)["demo"]["task"]
+    settings = recipes.summarize(cases)["demo@60"]["task"]
     assert settings["20|0"]["eval"] == pytest.approx(0.8)
     assert settings["20|0"]["eval_std"] == pytest.approx(0.1)
     chosen = recipes.choose(settings, [0, 1, 2])
     assert (chosen["ratio"], chosen["aux"]) == (20.0, 0.0)
     # with one final seed the single-seed ratio 50 wins on its eval
     assert recipes.choose(settings, [0])["ratio"] == 50.0
-    table = recipes.format_table(recipes.summarize(cases), [0, 1, 2], {"demo": "accuracy"})
+    table = recipes.format_table(recipes.summarize(cases), [0, 1, 2], {"demo@60": "accuracy"})
     assert "| **task** | 20 | 0 | 3 | 0.800 ± 0.100 | **0.500 ± 0.000** |" in table
     assert "| task | 1 | 0 | 3 | 0.600 ± 0.000 | 0.990 ± 0.000 |" in table
 
 
 def test_ties_go_to_the_smaller_ratio_then_aux():
     cases = [_case("topk", r, a, 0, 0.5, 0.5) for r in (5.0, 1.0) for a in (0.01, 0.0)]
-    chosen = recipes.choose(recipes.summarize(cases)["demo"]["topk"], [0])
+    chosen = recipes.choose(recipes.summarize(cases)["demo@60"]["topk"], [0])
     assert (chosen["ratio"], chosen["aux"]) == (1.0, 0.0)
 
 
@@ -60,9 +60,9 @@ def test_quick_sweep_writes_json_and_table(tmp_path, capsys, one_thread):
     assert recipes.run(args) == 0
     results = json.loads(out.read_text())
     assert {(c["router"], c["ratio"]) for c in results["cases"]} == {("task", 1.0), ("task", 20.0)}
-    settings = recipes.summarize(results["cases"])["lm"]["task"]
+    settings = recipes.summarize(results["cases"])["lm@4"]["task"]
     best = max(settings.values(), key=lambda s: (s["eval"], -s["ratio"]))
-    assert results["chosen"]["lm"]["task"]["ratio"] == best["ratio"]
+    assert results["chosen"]["lm@4"]["task"]["ratio"] == best["ratio"]
     assert "| router | lr ratio | aux | seeds | eval | test |" in md.read_text()
     # a second run finds every case in the JSON and trains nothing
     capsys.readouterr()

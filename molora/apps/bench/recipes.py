@@ -53,23 +53,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None)
 
 
-def _case_key(suite: str, router: str, ratio: float, aux: float, seed: int) -> str:
-    return f"{suite}|{router}|{ratio:g}|{aux:g}|{seed}"
+def _label(case: dict[str, Any]) -> str:
+    """A case's task set and steps, as the table names them: ``demo@60``."""
+    return f"{case['suite']}@{case['steps']}" if "steps" in case else case["suite"]
+
+
+def _case_key(case: dict[str, Any]) -> str:
+    return f"{_label(case)}|{case['router']}|{case['ratio']:g}|{case['aux']:g}|{case['seed']}"
 
 
 def summarize(cases: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Group case results by suite and router into settings with mean +- std over seeds.
 
     Args:
-        cases: ``{"suite", "router", "ratio", "aux", "seed", "eval", "test"}`` rows.
+        cases: ``{"suite", "steps", "router", "ratio", "aux", "seed", "eval", "test"}`` rows.
 
     Returns:
-        ``{suite: {router: {"ratio|aux": {"ratio", "aux", "seeds", "eval", "eval_std",
+        ``{"suite@steps": {router: {"ratio|aux": {"ratio", "aux", "seeds", "eval", "eval_std",
         "test", "test_std"}}}}``.
     """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for c in cases:
-        groups.setdefault((c["suite"], c["router"], c["ratio"], c["aux"]), []).append(c)
+        groups.setdefault((_label(c), c["router"], c["ratio"], c["aux"]), []).append(c)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for (suite, router, ratio, aux), rows in sorted(groups.items()):
         rows = sorted(rows, key=lambda r: r["seed"])
@@ -132,13 +137,14 @@ def _suite(name: str, args: argparse.Namespace):
 
 def _run_cases(suite, plan: list[tuple[str, float, float, int]], results: dict[str, Any], out: Path) -> None:
     """Run every case of ``plan`` not yet in ``results["cases"]``, saving after each."""
-    done = {_case_key(c["suite"], c["router"], c["ratio"], c["aux"], c["seed"]) for c in results["cases"]}
+    done = {_case_key(c) for c in results["cases"]}
     for router, ratio, aux, seed in plan:
-        if _case_key(suite.name, router, ratio, aux, seed) in done:
+        case = {"suite": suite.name, "steps": suite.steps, "router": router, "ratio": ratio, "aux": aux, "seed": seed}
+        if _case_key(case) in done:
             continue
         t0 = time.perf_counter()
         row = suite.run_case(router, ratio, aux, seed)
-        case = {"suite": suite.name, "router": router, "ratio": ratio, "aux": aux, "seed": seed, **row}
+        case.update(row)
         results["cases"].append(case)
         print(
             f"{suite.name} {router:10s} ratio {ratio:g} aux {aux:g} seed {seed}: eval {row['eval']:.3f} "
@@ -146,6 +152,15 @@ def _run_cases(suite, plan: list[tuple[str, float, float, int]], results: dict[s
             flush=True,
         )
         _save(results, out)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """A recipes JSON; cases written without their steps take the file's ``"steps"`` by suite."""
+    results = json.loads(path.read_text())
+    for case in results["cases"]:
+        if "steps" not in case and case["suite"] in results.get("steps", {}):
+            case["steps"] = results["steps"][case["suite"]]
+    return results
 
 
 def _save(results: dict[str, Any], out: Path) -> None:
@@ -166,26 +181,23 @@ def run(args: argparse.Namespace) -> int:
         if bad:
             raise SystemExit(f"{name}: unknown {bad}; choose from {list(allowed)}")
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {"cases": []}
+    results = _load(out) if out.exists() else {"cases": []}
     for path in [p for p in args.inputs.split(",") if p]:
-        part = json.loads(Path(path).read_text())
-        keys = {_case_key(c["suite"], c["router"], c["ratio"], c["aux"], c["seed"]) for c in results["cases"]}
-        results["cases"] += [
-            c for c in part["cases"] if _case_key(c["suite"], c["router"], c["ratio"], c["aux"], c["seed"]) not in keys
-        ]
-        for field in ("metric", "steps"):
-            results.setdefault(field, {}).update(part.get(field, {}))
+        part = _load(Path(path))
+        keys = {_case_key(c) for c in results["cases"]}
+        results["cases"] += [c for c in part["cases"] if _case_key(c) not in keys]
+        results.setdefault("metric", {}).update(part.get("metric", {}))
     for name in [] if args.no_run else suites:
         suite = _suite(name, args)
         results.setdefault("metric", {})[name] = suite.metric
-        results.setdefault("steps", {})[name] = suite.steps
+        label = f"{name}@{suite.steps}"
         grid = [(r, ratio, aux, s) for s in args.seeds for r in routers for ratio in args.ratios for aux in args.aux]
         _run_cases(suite, grid, results, out)
-        summary = summarize([c for c in results["cases"] if c["suite"] == name])
+        summary = summarize([c for c in results["cases"] if _label(c) == label])
         final = [
             (router, s["ratio"], s["aux"], seed)
             for router in routers
-            for s in _finalists(summary.get(name, {}).get(router, {}), args.seeds, args.finalists)
+            for s in _finalists(summary.get(label, {}).get(router, {}), args.seeds, args.finalists)
             for seed in args.final_seeds
         ]
         _run_cases(suite, final, results, out)
@@ -196,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         for suite, routers_ in summary.items()
     }
     _save(results, out)
-    table = format_table(summary, args.final_seeds, results["metric"])
+    table = format_table(summary, args.final_seeds, {f"{_label(c)}": results["metric"][c["suite"]] for c in results["cases"]})
     print(table)
     if args.markdown:
         atomic_write_text(Path(args.markdown), table + "\n")
