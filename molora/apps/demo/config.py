@@ -11,9 +11,9 @@ from typing import Any
 __all__ = ["QUICK_OVERRIDES", "ROUTER_RECIPES", "DemoConfig", "resolve_config", "router_recipe"]
 
 ROUTER_RECIPES: dict[str, dict[str, float]] = {
-    "soft": {"router_lr_ratio": 1.0, "router_aux_loss_coef": 0.01},
-    "topk": {"router_lr_ratio": 1.0, "router_aux_loss_coef": 0.01},
-    "topp": {"router_lr_ratio": 1.0, "router_aux_loss_coef": 0.01},
+    "soft": {"router_lr_ratio": 1.0, "router_aux_loss_coef": 0.0},
+    "topk": {"router_lr_ratio": 1.0, "router_aux_loss_coef": 0.0},
+    "topp": {"router_lr_ratio": 1.0, "router_aux_loss_coef": 0.0},
     "task": {"router_lr_ratio": 20.0, "router_aux_loss_coef": 0.0},
     "hydra+task": {"router_lr_ratio": 20.0, "router_aux_loss_coef": 0.0},
 }
