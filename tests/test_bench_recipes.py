@@ -44,6 +44,7 @@ def test_choice_is_the_best_mean_eval_not_the_best_test():
     table = recipes.format_table(recipes.summarize(cases), [0, 1, 2], {"demo@60": "accuracy"})
     assert "| **task** | 20 | 0 | 3 | 0.800 ± 0.100 | **0.500 ± 0.000** |" in table
     assert "| task | 1 | 0 | 3 | 0.600 ± 0.000 | 0.990 ± 0.000 |" in table
+    assert "| task | 50 | 0 | 1 | 0.950 | 0.900 |" in table  # one seed: no std
 
 
 def test_ties_go_to_the_smaller_ratio_then_aux():

@@ -119,10 +119,17 @@ def format_table(summary: dict[str, dict[str, dict[str, Any]]], final_seeds: lis
                 mark = "**" if s is best else ""
                 lines.append(
                     f"| {mark}{router}{mark} | {s['ratio']:g} | {s['aux']:g} | {len(s['seeds'])} | "
-                    f"{s['eval']:.3f} ± {s['eval_std']:.3f} | {mark}{s['test']:.3f} ± {s['test_std']:.3f}{mark} |"
+                    f"{_mean_std(s, 'eval')} | {mark}{_mean_std(s, 'test')}{mark} |"
                 )
         lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def _mean_std(setting: dict[str, Any], split: str) -> str:
+    """``mean ± std`` over the seeds; the value alone for one seed."""
+    if len(setting["seeds"]) == 1:
+        return f"{setting[split]:.3f}"
+    return f"{setting[split]:.3f} ± {setting[split + '_std']:.3f}"
 
 
 def _suite(name: str, args: argparse.Namespace):
