@@ -42,3 +42,10 @@ def test_variants_table_gives_mean_and_std_over_seeds():
     table = format_variants(section)
     assert "| hydra-task (HydraLoRA (shared A), task router) | 0.600 | 0.600 | 0.600 ± 0.141 | 10 |" in table
     assert table.count("\n| ") == len(VARIANT_MODELS) + 1  # header + one row per form
+
+
+def test_variants_forms_must_be_known(tmp_path):
+    from molora.apps.demo.variants import run_variants
+
+    with pytest.raises(ValueError, match=r"`forms` must be keys of the variant forms, got \['moe'\]"):
+        run_variants(DemoConfig(), None, None, tmp_path, seeds=1, progress=False, forms=["shared-lora", "moe"])

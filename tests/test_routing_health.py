@@ -112,7 +112,8 @@ def test_reports_show_gate_mass_and_entropy_of_dense_routers(tmp_path, capsys):
 
 def test_defaults_per_router_kind_and_param_groups():
     assert MoLoRAConfig(router="task", num_tasks=2).router_aux_loss_coef == AUX_LOSS_COEF["task"] == 0.0
-    assert MoLoRAConfig(router="topk").router_aux_loss_coef == AUX_LOSS_COEF["topk"] > 0
+    assert MoLoRAConfig(router="topk").router_aux_loss_coef == AUX_LOSS_COEF["topk"]
+    assert MoLoRAConfig(router="topk", router_aux_loss_coef=0.01).router_aux_loss_coef == 0.01
     cfg = MoLoRAConfig(router="task", num_tasks=2, router_aux_loss_coef=0.05)
     assert cfg.router_aux_loss_coef == 0.05 and MoLoRAConfig.from_dict(cfg.to_dict()) == cfg  # explicit values kept
     lr = 1e-3
@@ -121,7 +122,8 @@ def test_defaults_per_router_kind_and_param_groups():
         groups = {g["name"]: g for g in get_optimizer_param_groups(model, lr, loraplus_lr_ratio=4)}
         assert groups["router"]["lr"] == pytest.approx(ROUTER_LR_RATIO[router] * lr), router
         assert groups["lora_B"]["lr"] == pytest.approx(4 * lr) and groups["base"]["lr"] == lr
-    assert ROUTER_LR_RATIO["task"] > 1 and all(ROUTER_LR_RATIO[r] > 1 for r in ("soft", "topk", "topp"))
+    # the recipe study (benchmarks/RESULTS.md): a task table wants a larger ratio than a token router
+    assert all(ROUTER_LR_RATIO["task"] > ROUTER_LR_RATIO[r] >= 1 for r in ("soft", "topk", "topp"))
     groups = {g["name"]: g for g in get_optimizer_param_groups(model, lr, router_lr_ratio=3)}
     assert groups["router"]["lr"] == pytest.approx(3e-3)
     groups = {g["name"]: g for g in get_optimizer_param_groups(model, lr, router_lr_ratio=3, router_lr=7e-3)}

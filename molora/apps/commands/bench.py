@@ -1,4 +1,4 @@
-"""`molora bench {layer,train,kernels,gpu} [flags]`: the benchmarks of ``molora.apps.bench`` (see benchmarks/RESULTS.md)."""
+"""`molora bench {layer,train,kernels,recipes,gpu} [flags]`: the benchmarks of ``molora.apps.bench`` (see benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ BENCHMARKS = {
     "layer": "one linear layer fwd+bwd: frozen base, PEFT LoRA and every molora expert path",
     "train": "training steps of a Llama-shaped model: PEFT LoRA, molora routers, mixlora",
     "kernels": "--aot: every Triton launch compiled for sm_80/sm_90 (regs, smem, spills) -> benchmarks/RESULTS-gpu.md",
+    "recipes": "router lr ratio x aux weight x router kind on the demo tasks and a tiny causal LM -> benchmarks/recipes.json",
     "gpu": "the GPU check: pytest -m gpu, layer and training benchmarks in bf16 -> benchmarks/RESULTS-gpu.md",
 }
 

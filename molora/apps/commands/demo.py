@@ -56,6 +56,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="compare the expert forms (shared LoRA, task, top-k, Hydra+task, task+1 shared expert, top-p) "
         "at the same budget, mean +- std over SEEDS seeds (default 3; ~15-25 min on 2 cores)",
     )
+    parser.add_argument(
+        "--forms",
+        default=None,
+        metavar="KEYS",
+        help="with --variants: a comma list of the forms to train (default all: shared-lora, molora-task, "
+        "molora-topk, hydra-task, task-shared1, molora-topp)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -68,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"molora demo: --steps must be >= 1, got {args.steps}")
     if args.variants < 0:
         raise SystemExit(f"molora demo: --variants takes a number of seeds >= 1, got {args.variants}")
+    forms = args.forms.split(",") if args.forms else None
+    if forms is not None and not args.variants:
+        raise SystemExit("molora demo: --forms needs --variants")
     config = DemoConfig.from_yaml(args.config, quick=args.quick) if args.config else None
     results = run_demo(
         out_dir=args.out,
@@ -77,5 +87,6 @@ def run(args: argparse.Namespace) -> int:
         config=config,
         progress=not args.no_progress,
         variants=args.variants,
+        forms=forms,
     )
     return 0 if results["export_ok"] else 1

@@ -8,7 +8,19 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-__all__ = ["QUICK_OVERRIDES", "DemoConfig", "resolve_config"]
+from molora.core.recipes import AUX_LOSS_COEF, ROUTER_LR_RATIO
+
+__all__ = ["QUICK_OVERRIDES", "ROUTER_RECIPES", "DemoConfig", "resolve_config", "router_recipe"]
+
+ROUTER_RECIPES: dict[str, dict[str, float]] = {
+    kind: {"router_lr_ratio": ROUTER_LR_RATIO[kind], "router_aux_loss_coef": AUX_LOSS_COEF[kind]}
+    for kind in ROUTER_LR_RATIO
+}
+ROUTER_RECIPES["hydra+task"] = dict(ROUTER_RECIPES["task"])  # a task router over a shared A
+"""Router kind -> the router lr ratio (router lr / adapters' lr) and balancing-loss weight the
+demo's MoLoRA models train with when :class:`DemoConfig` leaves them None: the library's
+defaults (:mod:`molora.core.recipes`), which the recipe study chose (``molora bench recipes``,
+benchmarks/RESULTS.md "Recipe study")."""
 
 
 @dataclass
@@ -31,14 +43,11 @@ class DemoConfig:
         top_k: experts per token of the top-k router.
         task_top_k: experts per task of the task router (None: a softmax over all N).
         router_init_std: std of the routers' normal init.
-        router_lr_ratio: router lr = ratio x lr for every MoLoRA model; None (default): the
-            router kind's default (:data:`molora.core.recipes.ROUTER_LR_RATIO`), as ``molora
-            train`` and ``molora.get_optimizer_param_groups``. (Before those defaults the demo
-            used 20x for the task router's table, which barely moves from uniform at the
-            adapters' lr, and 1x for the top-k gates: 20x made them jumpy, seed 0 mean
-            accuracy 0.766 instead of 0.791.)
-        router_aux_loss_coef: load-balancing loss weight of the top-k model (the task
-            router has none: balancing would push each task off its own experts).
+        router_lr_ratio: the routers' learning rate as a multiple of ``lr`` (every MoLoRA
+            model); None takes the router kind's recipe default (:data:`ROUTER_RECIPES`, from
+            ``molora bench recipes``).
+        router_aux_loss_coef: load-balancing loss weight (every MoLoRA model); None takes the
+            router kind's recipe default (:data:`ROUTER_RECIPES`).
         steps: optimizer steps per model (one task's batch per step, tasks in turn).
         batch_size: examples per training batch.
         eval_batch_size: examples per evaluation batch.
@@ -60,7 +69,7 @@ class DemoConfig:
     task_top_k: int | None = None
     router_init_std: float = 0.02
     router_lr_ratio: float | None = None
-    router_aux_loss_coef: float = 0.01
+    router_aux_loss_coef: float | None = None
     steps: int = 150
     batch_size: int = 32
     eval_batch_size: int = 128
@@ -92,11 +101,13 @@ class DemoConfig:
             problems.append(
                 f"`task_top_k` must be None or in [1, num_experts={self.num_experts}], got {self.task_top_k}"
             )
-        for name in ("lora_alpha", "lr", "router_lr_ratio"):
-            if name == "router_lr_ratio" and self.router_lr_ratio is None:
-                continue
+        for name in ("lora_alpha", "lr"):
             if not getattr(self, name) > 0:
                 problems.append(f"`{name}` must be > 0, got {getattr(self, name)!r}")
+        if self.router_lr_ratio is not None and not self.router_lr_ratio > 0:
+            problems.append(f"`router_lr_ratio` must be None or > 0, got {self.router_lr_ratio!r}")
+        if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:
+            problems.append(f"`router_aux_loss_coef` must be None or >= 0, got {self.router_aux_loss_coef!r}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio!r}")
         if problems:
@@ -134,6 +145,17 @@ class DemoConfig:
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (as written to ``results.json``)."""
         return asdict(self)
+
+
+def router_recipe(kind: str, cfg: DemoConfig) -> tuple[float, float]:
+    """(router lr ratio, aux coefficient) of a router kind of :data:`ROUTER_RECIPES` under
+    ``cfg``: the config's value where set, else the kind's recipe default."""
+    if kind not in ROUTER_RECIPES:
+        raise ValueError(f"unknown router kind {kind!r}; choices: {sorted(ROUTER_RECIPES)}")
+    recipe = ROUTER_RECIPES[kind]
+    ratio = cfg.router_lr_ratio if cfg.router_lr_ratio is not None else recipe["router_lr_ratio"]
+    aux = cfg.router_aux_loss_coef if cfg.router_aux_loss_coef is not None else recipe["router_aux_loss_coef"]
+    return float(ratio), float(aux)
 
 
 QUICK_OVERRIDES: dict[str, Any] = {

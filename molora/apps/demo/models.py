@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from molora.apps.demo.config import DemoConfig
+from molora.apps.demo.config import DemoConfig, router_recipe
 from molora.apps.demo.data import TaskData
 
 __all__ = [
     "DEMO_MODELS",
     "MODEL_DESCRIPTIONS",
+    "RECIPE_MODELS",
+    "ROUTER_KINDS",
     "VARIANT_MODELS",
     "MultitaskClassifier",
     "build_model",
@@ -48,7 +50,30 @@ VARIANT_MODELS: dict[str, str] = {
 }
 """The forms ``molora demo --variants`` compares at the same adapter budget (see :func:`_molora_config`)."""
 
-MODEL_DESCRIPTIONS: dict[str, str] = {**DEMO_MODELS, **VARIANT_MODELS}
+RECIPE_MODELS: dict[str, str] = {
+    "soft": "molora-soft",
+    "topk": "molora-topk",
+    "topp": "molora-topp",
+    "task": "molora-task",
+    "hydra+task": "hydra-task",
+}
+"""Router kind of the recipe study (``molora bench recipes``) -> the demo model that trains it."""
+
+ROUTER_KINDS: dict[str, str] = {
+    "molora-task": "task",
+    "molora-topk": "topk",
+    "hydra-task": "hydra+task",
+    "task-shared1": "task",
+    "molora-topp": "topp",
+    "molora-soft": "soft",
+}
+"""MoLoRA model key -> its router kind in :data:`~molora.apps.demo.config.ROUTER_RECIPES`."""
+
+MODEL_DESCRIPTIONS: dict[str, str] = {
+    **DEMO_MODELS,
+    **VARIANT_MODELS,
+    "molora-soft": "MoLoRA, soft token router (all N)",
+}
 
 
 class MultitaskClassifier(nn.Module):
@@ -130,17 +155,21 @@ def hydra_rank(cfg: DemoConfig) -> int:
 def _molora_config(key: str, tasks: list[TaskData], cfg: DemoConfig):
     """The MoLoRAConfig of a MoLoRA key of :data:`MODEL_DESCRIPTIONS`, at the adapter budget of N
     experts of rank r: ``hydra-task`` takes rank :func:`hydra_rank`, ``task-shared1`` N - 1
-    routed experts and one shared one, ``molora-topp`` top_p = 0.5 (top-2 of 4 at uniform gates)."""
+    routed experts and one shared one, ``molora-topp`` top_p = 0.5 (top-2 of 4 at uniform gates),
+    ``molora-soft`` all N experts; the balancing loss weight is the router kind's
+    (:func:`~molora.apps.demo.config.router_recipe`)."""
     from molora import MoLoRAConfig
 
+    _, aux = router_recipe(ROUTER_KINDS[key], cfg)
     common = {
         "target_modules": list(cfg.target_modules),
         "num_experts": cfg.num_experts,
         "r": cfg.r,
         "lora_alpha": cfg.lora_alpha,
         "router_init_std": cfg.router_init_std,
+        "router_aux_loss_coef": aux,
     }
-    task = dict(router="task", num_tasks=len(tasks), task_names=[t.name for t in tasks], router_aux_loss_coef=0.0)
+    task = dict(router="task", num_tasks=len(tasks), task_names=[t.name for t in tasks])
     if key == "molora-task":
         return MoLoRAConfig(top_k=cfg.task_top_k, **task, **common)
     if key == "hydra-task":
@@ -148,8 +177,10 @@ def _molora_config(key: str, tasks: list[TaskData], cfg: DemoConfig):
     if key == "task-shared1":
         return MoLoRAConfig(**task, **{**common, "num_experts": cfg.num_experts - 1}, num_shared_experts=1)
     if key == "molora-topp":
-        return MoLoRAConfig(router="topp", top_p=0.5, router_aux_loss_coef=cfg.router_aux_loss_coef, **common)
-    return MoLoRAConfig(router="topk", top_k=cfg.top_k, router_aux_loss_coef=cfg.router_aux_loss_coef, **common)
+        return MoLoRAConfig(router="topp", top_p=0.5, **common)
+    if key == "molora-soft":
+        return MoLoRAConfig(router="soft", **common)
+    return MoLoRAConfig(router="topk", top_k=cfg.top_k, **common)
 
 
 def trainable_parameters(model: MultitaskClassifier) -> tuple[int, int]:

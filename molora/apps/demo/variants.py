@@ -25,8 +25,14 @@ from molora.atomic import atomic_write_text
 __all__ = ["format_variants", "run_variants"]
 
 
-def run_variants(cfg: DemoConfig, base, tokenizer, out: Path, *, seeds: int, progress: bool) -> dict[str, Any]:
-    """Train every form of :data:`VARIANT_MODELS` for seeds ``cfg.seed .. cfg.seed + seeds - 1``.
+def run_variants(
+    cfg: DemoConfig, base, tokenizer, out: Path, *, seeds: int, progress: bool, forms: list[str] | None = None
+) -> dict[str, Any]:
+    """Train every form of :data:`VARIANT_MODELS` (or those of ``forms``) for seeds
+    ``cfg.seed .. cfg.seed + seeds - 1``.
+
+    Raises:
+        ValueError: a key of ``forms`` is not a form (the choices are listed).
 
     Returns:
         ``{"seeds": [...], "tasks": [...], "models": {key: {"description", "runs": [{"seed",
@@ -36,14 +42,18 @@ def run_variants(cfg: DemoConfig, base, tokenizer, out: Path, *, seeds: int, pro
     """
     from molora.training.data import MultitaskCollator
 
+    keys = list(VARIANT_MODELS) if forms is None else list(forms)
+    unknown = [k for k in keys if k not in VARIANT_MODELS]
+    if unknown or not keys:
+        raise ValueError(f"`forms` must be keys of the variant forms, got {unknown or keys}; choices: {list(VARIANT_MODELS)}")
     collator = MultitaskCollator.from_tokenizer(tokenizer)
-    section: dict[str, Any] = {"seeds": [], "tasks": [], "models": {k: {"runs": []} for k in VARIANT_MODELS}}
+    section: dict[str, Any] = {"seeds": [], "tasks": [], "models": {k: {"runs": []} for k in keys}}
     for seed in range(cfg.seed, cfg.seed + seeds):
         seed_cfg = replace(cfg, seed=seed)
         tasks = load_data(seed_cfg, tokenizer)
         schedule = make_schedule(tasks, seed_cfg)
         section["tasks"] = [t.name for t in tasks]
-        for key in VARIANT_MODELS:
+        for key in keys:
             t0 = time.perf_counter()
             row = train_and_evaluate(key, base, tasks, schedule, collator, seed_cfg, progress).row
             run = {k: row[k] for k in ("accuracy", "mean_accuracy", "trainable_params", "train_s")}
