@@ -170,11 +170,13 @@ def _config_shapes(config: MoLoRAConfig, base_model: torch.nn.Module, names: lis
 
 
 def non_finite_layers(model: Any) -> list[str]:
-    """The MoLoRA layers of ``model`` with a NaN or inf weight (experts, shared experts, router)."""
+    """The MoLoRA layers of ``model`` with a NaN or inf weight (experts, shared experts, router);
+    of a model sharded with FSDP2, in this process's shards."""
     bad = []
     with torch.no_grad():
         for name, layer in model.molora_layers().items():
-            if not all(bool(torch.isfinite(p).all()) for p in layer.parameters() if p.is_floating_point()):
+            local = [p.to_local() if hasattr(p, "to_local") else p for p in layer.parameters()]  # FSDP2: this rank's shard
+            if not all(bool(torch.isfinite(p).all()) for p in local if p.is_floating_point()):
                 bad.append(name)
     return bad
 

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from molora.atomic import atomic_write_text
 from molora.inject import find_target_modules
+from molora.io import non_finite_layers
 from molora.model import MoLoRAModel, get_molora_model
 from molora.training.base_model import check_vocab, keep_base_with_run, load_base_model, prepare_quantized_base
 from molora.training.checkpoints import load_checkpoint_model, load_training_state, save_adapter, save_checkpoint
@@ -41,9 +42,10 @@ from molora.training.distributed import check_launcher, is_sharded, make_acceler
 from molora.training.evaluation import evaluate
 from molora.training.export import export_per_task
 from molora.training.loaders import build_datasets, build_loaders, check_files
-from molora.training.metrics import MetricsLog
+from molora.training.metrics import MetricsLog, read_metrics
 from molora.training.objective import count_targets, micro_batch_loss
 from molora.training.optim import build_optimizer
+from molora.training.resume import SCHEDULE_FIELDS
 from molora.training.run_config import RunConfig
 from molora.training.run_dir import EXPORT, FINAL, METRICS, RUN_CONFIG, SUMMARY, check_fresh, resolve_resume
 from molora.training.tokenizer import load_tokenizer
@@ -70,6 +72,8 @@ class _Run:
     started: float = 0.0
     last_loss: float | None = None
     last_eval: dict[str, Any] | None = None
+    eval_step: int | None = None  # the step of last_eval
+    max_grad_accum: int = 1  # the largest grad_accum of the run so far (checks a resumed micro_step)
 
 
 def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) -> dict[str, Any]:
@@ -100,6 +104,7 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
         train_ds, eval_sets = build_datasets(config, tokenizer)
     collator = MultitaskCollator.from_tokenizer(tokenizer, pad_to_multiple_of=config.data.pad_to_multiple_of)
     model = _build_model(config, tokenizer, output_dir, ckpt=ckpt, main=accelerator.is_main_process)
+    _warn_scaling(accelerator, model)
     trainable, total = model.get_nb_trainable_parameters()
     run = _prepare(accelerator, config, output_dir, model, train_ds, eval_sets, collator)
     _restore(run, ckpt)
@@ -108,7 +113,8 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
             f"trainable params: {trainable:,d} || all params: {total:,d} || tasks: {list(config.data.tasks)}"
         )
     _train_steps(run)
-    run.last_eval = _run_eval(run) or run.last_eval
+    if run.eval_step != run.step:  # a resumed finished run may have its final eval already
+        run.last_eval = _run_eval(run) or run.last_eval
     accelerator.wait_for_everyone()
     summary = _summary(run, trainable=trainable, total=total)
     _save_final(run, summary, eval_sets, collator)
@@ -146,6 +152,26 @@ def _build_model(config: RunConfig, tokenizer, output_dir: Path, *, ckpt: Path |
     return model
 
 
+MAX_SCALING = 1e3  # s = lora_alpha / r far above the usual 1-2: updates swamp the base or overflow
+
+
+def _warn_scaling(accelerator, model: MoLoRAModel) -> None:
+    """Warn when a layer's scaling s is so large that training cannot work (``lora_alpha=1e30``:
+    under bf16 the gradients overflow at once; the run stops at the first non-finite step)."""
+    name, layer = max(model.molora_layers().items(), key=lambda item: abs(float(item[1].scaling)))
+    scaling = abs(float(layer.scaling))
+    if scaling > MAX_SCALING:
+        cfg = model.molora_config
+        how = "lora_alpha / sqrt(r)" if cfg.use_rslora else "lora_alpha / r"
+        precision = accelerator.mixed_precision
+        accelerator.print(
+            f"warning: molora.lora_alpha={cfg.lora_alpha:g} gives the adapter of {name!r} a scaling s = {how} = "
+            f"{scaling:.3g}, far above the usual 1 to 2 (lora_alpha = r to 2r): the update s * B A x "
+            f"{'overflows under ' + precision if precision in ('bf16', 'fp16') else 'swamps the base model'} "
+            "and nothing trains; lower molora.lora_alpha"
+        )
+
+
 def _prepare(
     accelerator, config: RunConfig, output_dir: Path, model: MoLoRAModel, train_ds, eval_sets: dict, collator
 ) -> _Run:
@@ -180,18 +206,20 @@ def _prepare(
 def _restore(run: _Run, ckpt: Path | None) -> None:
     """Resume the optimizer, scheduler, RNG and data position from ``ckpt``; open the metrics log."""
     t = run.config.train
+    run.max_grad_accum = t.grad_accum
     if ckpt is not None:
-        run.step, run.micro = load_training_state(
-            run.accelerator,
-            run.model,
-            run.optimizer,
-            run.scheduler,
-            ckpt,
-            batch_size=t.batch_size,
-            max_steps=t.max_steps,
-        )
+        state = load_training_state(run.accelerator, run.model, run.optimizer, run.scheduler, ckpt, train=t)
+        run.step, run.micro = state["step"], state["micro_step"]
+        run.max_grad_accum = max(state["max_grad_accum"], t.grad_accum)
     keep_until = run.step if ckpt is not None else None
     run.log = MetricsLog(run.output_dir / METRICS, run.accelerator.is_main_process, keep_until=keep_until)
+    metrics = run.output_dir / METRICS
+    if ckpt is not None and metrics.is_file():  # what the summary of a finished run reports (every rank: eval is collective)
+        for record in read_metrics(metrics):
+            if record.get("type") == "train" and record.get("loss") is not None:
+                run.last_loss = record["loss"]
+            if record.get("type") == "eval" and record.get("step") == run.step and "tasks" in record:
+                run.last_eval, run.eval_step = record, run.step
 
 
 def _batches(run: _Run):
@@ -235,6 +263,7 @@ def _train_steps(run: _Run) -> None:
         if t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps:
             run.last_eval = _run_eval(run)
         if t.save_every and (run.step % t.save_every == 0 or run.step == t.max_steps):  # the last step too: resumable
+            _check_weights(run)
             save_checkpoint(
                 run.accelerator,
                 run.model,
@@ -264,6 +293,7 @@ def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]
     batches = [next(stream) for _ in range(t.grad_accum)]
     run.micro += t.grad_accum
     step_targets = torch.stack([count_targets(b["labels"], causal=causal) for b in batches]).sum()
+    step_loss = torch.zeros((), device=accelerator.device)
     for k, batch in enumerate(batches):
         # gradients are all-reduced on the last micro-batch only
         sync = contextlib.nullcontext() if k == t.grad_accum - 1 else no_sync(accelerator, model)
@@ -272,15 +302,61 @@ def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]
                 model, run.inner, batch, causal=causal, step_targets=step_targets, grad_accum=t.grad_accum
             )
             accelerator.backward(loss)
+        step_loss += loss.detach().float()
         window[:3] += stats.to(window.device, window.dtype)
         window[3] += run.inner.aux_loss().detach().float() / t.grad_accum
-    if t.max_grad_norm is not None:
-        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+    # the norm is measured whether or not it clips (max_norm=inf scales by 1)
+    norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+    _check_finite(run, step_loss, norm)
     lrs = {f"lr_{g['name']}": g["lr"] for g in run.optimizer.param_groups}  # the lr of this step
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return lrs
+
+
+def _check_finite(run: _Run, loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> None:
+    """Stop at the first non-finite loss or gradient norm, before the optimizer applies it.
+
+    One host sync per optimizer step (never in the forward). Under fp16 the gradient scaler
+    skips steps with inf gradients on purpose, so only the loss is checked there.
+
+    Raises:
+        ValueError: the loss or the gradient norm of this step is NaN or infinite (on any process).
+    """
+    accelerator, t = run.accelerator, run.config.train
+    bad = (~torch.isfinite(loss)).float().reshape(1)
+    check_norm = grad_norm is not None and getattr(accelerator, "scaler", None) is None
+    if check_norm:
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+        norm = torch.as_tensor(grad_norm, device=bad.device).float()
+        bad = bad + (~torch.isfinite(norm)).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bool(bad.item() > 0):
+        raise_diverged(run.step + 1, float(loss), float(norm) if check_norm else None, t, accelerator.mixed_precision)
+
+
+def _check_weights(run: _Run) -> None:
+    """Before a checkpoint: an update that overflowed to NaN/inf weights (on any process's shards) is never saved."""
+    bad = torch.tensor([float(bool(non_finite_layers(run.inner)))], device=run.accelerator.device)
+    if run.accelerator.num_processes > 1:
+        bad = run.accelerator.reduce(bad, reduction="sum")
+    if bool(bad.item() > 0):
+        raise_diverged(run.step, None, None, run.config.train, run.accelerator.mixed_precision)
+
+
+def raise_diverged(step: int, loss: float | None, grad_norm: float | None, t, mixed_precision: str) -> None:
+    """The one-line error of a diverged run: the step, the numbers and what to try."""
+    numbers = ", ".join(
+        f"{what} {value:.4g}" for what, value in (("loss", loss), ("gradient norm", grad_norm)) if value is not None
+    )
+    precision = f"train.mixed_precision=no (fp32) instead of {mixed_precision}, " if mixed_precision != "no" else ""
+    raise ValueError(
+        f"training diverged at step {step} ({numbers or 'NaN or inf weights'}): stopped before applying or saving it. "
+        f"Try a lower train.lr (now {t.lr:g}), {precision}or clipping with train.max_grad_norm "
+        f"(now {t.max_grad_norm}); then continue from the last checkpoint with --resume"
+    )
 
 
 def _log_train(run: _Run, window: torch.Tensor, window_steps: int, lrs: dict[str, float]) -> None:
@@ -315,6 +391,7 @@ def _run_eval(run: _Run) -> dict[str, Any] | None:
         return None
     result = evaluate(run.accelerator, run.model, run.eval_loaders, causal=run.config.model.task_type == "causal_lm")
     run.log.write({"type": "eval", "step": run.step, **result})
+    run.eval_step = run.step
     summary = ", ".join(f"{n}: loss {r['loss']:.4f} acc {r['accuracy']:.3f}" for n, r in result["tasks"].items())
     run.accelerator.print(f"step {run.step} eval | {summary}")
     return result
@@ -329,7 +406,9 @@ def _trainer_state(run: _Run) -> dict[str, Any]:
         "world_size": run.accelerator.num_processes,
         "batch_size": t.batch_size,
         "grad_accum": t.grad_accum,
+        "max_grad_accum": run.max_grad_accum,
         "seed": t.seed,
+        "train": {key: getattr(t, key) for key in SCHEDULE_FIELDS},  # what a resume reports as changed
         "fsdp": is_sharded(run.model),  # the optimizer state is then one shard per rank
     }
 
