@@ -6,6 +6,7 @@ before anything is allocated)."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -87,3 +88,14 @@ def test_a_hostile_config_is_refused_from_the_header_before_allocating(saved, mo
     monkeypatch.setattr(model_module.MoLoRAModel, "__init__", no_build)
     with pytest.raises(ValueError, match=r"tensor \(as the config builds it\) '.*lora_[AB]': saved \[.*1000000"):
         MoLoRAModel.from_pretrained(tiny_llama(), saved)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [("r", "4", r"`r` must be an int >= 1, got '4'"), ("router", "best", "router")])
+def test_inspect_refuses_an_adapter_with_an_invalid_config(saved, capsys, field, value, message):
+    from molora.cli import main
+
+    _edit_config(saved, lambda meta: meta["config"].__setitem__(field, value))
+    assert main(["inspect", str(saved)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert re.search(r"molora inspect: .*molora_config\.json: its config is invalid: .*" + message, err), err

@@ -111,7 +111,11 @@ def run(args: argparse.Namespace) -> int:
     from molora.apps.commands.inspect_adapter import describe_adapter, is_adapter_dir
 
     if not (run_dir / "metrics.jsonl").is_file() and is_adapter_dir(run_dir):
-        print(describe_adapter(run_dir))
+        try:
+            print(describe_adapter(run_dir))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"molora inspect: {e}", file=sys.stderr)
+            return 2
         return 0
     try:
         records = load_metrics(run_dir)
