@@ -35,7 +35,7 @@ from molora.atomic import atomic_write_text
 from molora.inject import find_target_modules
 from molora.io import non_finite_layers
 from molora.model import MoLoRAModel, get_molora_model
-from molora.training.base_model import check_vocab, keep_base_with_run, load_base_model, prepare_quantized_base
+from molora.training.base_model import check_positions, check_vocab, keep_base_with_run, load_base_model, prepare_quantized_base
 from molora.training.checkpoints import load_checkpoint_model, load_training_state, save_adapter, save_checkpoint
 from molora.training.data import MultitaskCollator
 from molora.training.distributed import check_launcher, is_sharded, make_accelerator, no_sync, shard_model
@@ -136,6 +136,7 @@ def _build_model(config: RunConfig, tokenizer, output_dir: Path, *, ckpt: Path |
     """The base model wrapped with MoLoRA: the checkpoint's adapter when resuming, else a fresh one."""
     base = load_base_model(config, tokenizer)
     check_vocab(base, tokenizer, config)
+    check_positions(base, config.data.max_length, print if main else lambda text: None)
     find_target_modules(base, config.molora.target_modules)  # a typo fails before anything is written
     if config.model.from_config is not None:
         base = keep_base_with_run(base, output_dir, resuming=ckpt is not None, main=main)
