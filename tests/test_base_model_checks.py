@@ -15,7 +15,6 @@ from tiny_models import tiny_gpt2, tiny_llama
 
 from molora import MoLoRAConfig, get_molora_model
 from molora.cli import main
-from molora.training.base_model import check_positions
 
 QUICK = {"train.max_steps": 1, "train.save_every": 0, "train.eval_every": 0, "train.export": "false"}
 GPT2 = "{model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 4, n_positions: 16, vocab_size: 260}"
@@ -40,6 +39,8 @@ def test_max_length_above_rope_positions_is_warned_about(tmp_path, capsys):
 
 
 def test_check_positions_within_the_table_is_silent():
+    from molora.training.base_model import check_positions
+
     said = []
     check_positions(tiny_gpt2(n_positions=64), 64, said.append)
     check_positions(tiny_llama(), 128, said.append)
