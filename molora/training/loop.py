@@ -33,13 +33,13 @@ from torch.utils.data import DataLoader
 
 from molora.atomic import atomic_write_text
 from molora.inject import find_target_modules
-from molora.io import non_finite_layers
 from molora.model import MoLoRAModel, get_molora_model
 from molora.training.base_model import check_positions, check_vocab, keep_base_with_run, load_base_model, prepare_quantized_base
 from molora.training.checkpoints import load_checkpoint_model, load_training_state, save_adapter, save_checkpoint
 from molora.training.data import MultitaskCollator
 from molora.training.distributed import check_launcher, is_sharded, make_accelerator, no_sync, shard_model
 from molora.training.evaluation import evaluate
+from molora.training.health import check_step_finite, check_weights_finite, warn_scaling
 from molora.training.export import export_per_task
 from molora.training.loaders import build_datasets, build_loaders, check_files
 from molora.training.metrics import MetricsLog, read_metrics
@@ -104,7 +104,7 @@ def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) 
         train_ds, eval_sets = build_datasets(config, tokenizer)
     collator = MultitaskCollator.from_tokenizer(tokenizer, pad_to_multiple_of=config.data.pad_to_multiple_of)
     model = _build_model(config, tokenizer, output_dir, ckpt=ckpt, main=accelerator.is_main_process)
-    _warn_scaling(accelerator, model)
+    warn_scaling(accelerator, model)
     trainable, total = model.get_nb_trainable_parameters()
     run = _prepare(accelerator, config, output_dir, model, train_ds, eval_sets, collator)
     _restore(run, ckpt)
@@ -151,26 +151,6 @@ def _build_model(config: RunConfig, tokenizer, output_dir: Path, *, ckpt: Path |
         # embeddings get gradients; non-reentrant checkpointing is the one torch recommends
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
-
-
-MAX_SCALING = 1e3  # s = lora_alpha / r far above the usual 1-2: updates swamp the base or overflow
-
-
-def _warn_scaling(accelerator, model: MoLoRAModel) -> None:
-    """Warn when a layer's scaling s is so large that training cannot work (``lora_alpha=1e30``:
-    under bf16 the gradients overflow at once; the run stops at the first non-finite step)."""
-    name, layer = max(model.molora_layers().items(), key=lambda item: abs(float(item[1].scaling)))
-    scaling = abs(float(layer.scaling))
-    if scaling > MAX_SCALING:
-        cfg = model.molora_config
-        how = "lora_alpha / sqrt(r)" if cfg.use_rslora else "lora_alpha / r"
-        precision = accelerator.mixed_precision
-        accelerator.print(
-            f"warning: molora.lora_alpha={cfg.lora_alpha:g} gives the adapter of {name!r} a scaling s = {how} = "
-            f"{scaling:.3g}, far above the usual 1 to 2 (lora_alpha = r to 2r): the update s * B A x "
-            f"{'overflows under ' + precision if precision in ('bf16', 'fp16') else 'swamps the base model'} "
-            "and nothing trains; lower molora.lora_alpha"
-        )
 
 
 def _prepare(
@@ -264,7 +244,7 @@ def _train_steps(run: _Run) -> None:
         if t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps:
             run.last_eval = _run_eval(run)
         if t.save_every and (run.step % t.save_every == 0 or run.step == t.max_steps):  # the last step too: resumable
-            _check_weights(run)
+            check_weights_finite(run.accelerator, run.inner, t, run.step)
             save_checkpoint(
                 run.accelerator,
                 run.model,
@@ -308,56 +288,12 @@ def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]
         window[3] += run.inner.aux_loss().detach().float() / t.grad_accum
     # the norm is measured whether or not it clips (max_norm=inf scales by 1)
     norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-    _check_finite(run, step_loss, norm)
+    check_step_finite(accelerator, t, run.step + 1, step_loss, norm)
     lrs = {f"lr_{g['name']}": g["lr"] for g in run.optimizer.param_groups}  # the lr of this step
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return lrs
-
-
-def _check_finite(run: _Run, loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> None:
-    """Stop at the first non-finite loss or gradient norm, before the optimizer applies it.
-
-    One host sync per optimizer step (never in the forward). Under fp16 the gradient scaler
-    skips steps with inf gradients on purpose, so only the loss is checked there.
-
-    Raises:
-        ValueError: the loss or the gradient norm of this step is NaN or infinite (on any process).
-    """
-    accelerator, t = run.accelerator, run.config.train
-    bad = (~torch.isfinite(loss)).float().reshape(1)
-    check_norm = grad_norm is not None and getattr(accelerator, "scaler", None) is None
-    if check_norm:
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-        norm = torch.as_tensor(grad_norm, device=bad.device).float()
-        bad = bad + (~torch.isfinite(norm)).float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    if bool(bad.item() > 0):
-        raise_diverged(run.step + 1, float(loss), float(norm) if check_norm else None, t, accelerator.mixed_precision)
-
-
-def _check_weights(run: _Run) -> None:
-    """Before a checkpoint: an update that overflowed to NaN/inf weights (on any process's shards) is never saved."""
-    bad = torch.tensor([float(bool(non_finite_layers(run.inner)))], device=run.accelerator.device)
-    if run.accelerator.num_processes > 1:
-        bad = run.accelerator.reduce(bad, reduction="sum")
-    if bool(bad.item() > 0):
-        raise_diverged(run.step, None, None, run.config.train, run.accelerator.mixed_precision)
-
-
-def raise_diverged(step: int, loss: float | None, grad_norm: float | None, t, mixed_precision: str) -> None:
-    """The one-line error of a diverged run: the step, the numbers and what to try."""
-    numbers = ", ".join(
-        f"{what} {value:.4g}" for what, value in (("loss", loss), ("gradient norm", grad_norm)) if value is not None
-    )
-    precision = f"train.mixed_precision=no (fp32) instead of {mixed_precision}, " if mixed_precision != "no" else ""
-    raise ValueError(
-        f"training diverged at step {step} ({numbers or 'NaN or inf weights'}): stopped before applying or saving it. "
-        f"Try a lower train.lr (now {t.lr:g}), {precision}or clipping with train.max_grad_norm "
-        f"(now {t.max_grad_norm}); then continue from the last checkpoint with --resume"
-    )
 
 
 def _log_train(run: _Run, window: torch.Tensor, window_steps: int, lrs: dict[str, float]) -> None:
