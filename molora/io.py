@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,46 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
+
+
+def _file_header(weights_path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """``({key: shape}, {key: dtype})`` of a safetensors file, from its header only."""
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            return {k: list(s.get_shape()) for k, s in slices.items()}, {k: s.get_dtype() for k, s in slices.items()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{weights_path} is not a readable safetensors file ({e}); the checkpoint is corrupt") from e
+
+
+def _config_shapes(config: MoLoRAConfig, base_model: torch.nn.Module, names: list[str]) -> dict[str, list[int]]:
+    """The expert tensors' shapes that ``config`` builds on ``base_model``'s layers ``names``
+    (lora_A (N or 1, r, in), lora_B (N, out, r), shared (M, r, in) / (M, out, r)); routers
+    and modules_to_save are left to the shape check after building."""
+    specs, shapes = config.layer_specs(names), {}
+    for name in names:
+        d_in, d_out, _ = linear_shape(base_model.get_submodule(name))
+        n, r, m = specs[name].num_experts, specs[name].r, config.num_shared_experts
+        shapes[f"{name}.lora_A"] = [1 if config.share_lora_A else n, r, d_in]
+        shapes[f"{name}.lora_B"] = [n, d_out, r]
+        if m:
+            shapes[f"{name}.lora_A_shared"], shapes[f"{name}.lora_B_shared"] = [m, r, d_in], [m, d_out, r]
+    return shapes
+
+
+def non_finite_layers(model: Any) -> list[str]:
+    """The MoLoRA layers of ``model`` with a NaN or inf weight (experts, shared experts, router);
+    of a model sharded with FSDP2, in this process's shards."""
+    bad = []
+    with torch.no_grad():
+        for name, layer in model.molora_layers().items():
+            local = [p.to_local() if hasattr(p, "to_local") else p for p in layer.parameters()]  # FSDP2: this rank's shard
+            if not all(bool(torch.isfinite(p).all()) for p in local if p.is_floating_point()):
+                bad.append(name)
+    return bad
+
+
 def _diff(expected: dict[str, Any], found: dict[str, Any], what: str) -> list[str]:
     problems = []
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
@@ -180,12 +221,19 @@ def load_molora(cls, base_model: torch.nn.Module, path: str | os.PathLike, *, is
     to_save = find_modules_to_save(base_model, config.modules_to_save)
     if sorted(to_save) != sorted(meta.get("modules_to_save", [])):
         problems.append(f"modules_to_save: saved {meta.get('modules_to_save')}, found {to_save}")
-    # 2. the tensor file must hold exactly the recorded tensors
-    try:
-        with safe_open(weights_path, framework="pt") as f:
-            file_shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{weights_path} is not a readable safetensors file ({e}); the checkpoint is corrupt") from e
+    # 2. the tensor file must hold exactly the recorded tensors, float, of the shapes the
+    # config builds (checked from the header, before anything is allocated)
+    file_shapes, file_dtypes = _file_header(weights_path)
+    not_float = {k: d for k, d in file_dtypes.items() if d not in _FLOAT_DTYPES}
+    if not_float:
+        key = sorted(not_float)[0]
+        raise ValueError(
+            f"{weights_path} holds non-float tensors ({len(not_float)}), e.g. {key!r} of dtype {not_float[key]}: "
+            f"adapter weights must be one of {list(_FLOAT_DTYPES)}; the file is damaged or not a MoLoRA adapter"
+        )
+    if not problems:  # a hostile num_experts or r fails here, before the model allocates it
+        wanted = _config_shapes(config, base_model, list(found))
+        problems += _diff(wanted, {k: v for k, v in file_shapes.items() if k in wanted}, "tensor (as the config builds it)")
     problems += _diff(meta["tensors"], file_shapes, "tensor")
     for name in to_save:
         for pname, param in base_model.get_submodule(name).named_parameters():
@@ -208,6 +256,13 @@ def load_molora(cls, base_model: torch.nn.Module, path: str | os.PathLike, *, is
     with safe_open(weights_path, framework="pt") as f, torch.no_grad():
         for key, param in state.items():
             param.copy_(f.get_tensor(key))
+    bad = non_finite_layers(model)
+    if bad:
+        warnings.warn(
+            f"the MoLoRA adapter at {str(path)!r} has NaN or inf weights in {len(bad)} layer(s), e.g. {bad[0]!r}: "
+            "its outputs will be NaN there (the run that wrote it diverged?); an export refuses it",
+            stacklevel=3,
+        )
     if not is_trainable:
         model.eval()
         for param in model.parameters():

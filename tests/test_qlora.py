@@ -227,3 +227,42 @@ def test_run_config_validates_quantization(quantization, message):
 
     with pytest.raises(RunConfigError, match=message):
         load_run_config(TINY_CONFIG, [f"model.quantization={json.dumps(quantization)}"])
+
+
+def test_merge_refuses_a_dequantized_weight_that_does_not_reproduce_the_layer(base_dir):
+    """A bitsandbytes whose layout molora misreads (simulated: dequantize() returns scaled weights)."""
+    model = _task_model(_load(base_dir, 4))
+    train_steps(model, _batch(), steps=1, lr=2e-2)
+    base = model.get_base_model()
+    real = base.dequantize
+
+    def misread():
+        out = real()
+        with torch.no_grad():
+            base.get_submodule("model.layers.0.self_attn.q_proj.base_layer").weight.mul_(1.5)
+        return out
+
+    base.dequantize = misread
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"dequantized 4-bit weight of 'model\.layers\.0\.self_attn\.q_proj' does not reproduce"):
+        model.merge_and_unload(task=1)
+
+
+def test_a_bitsandbytes_without_the_cpu_unpacker_is_a_clear_error(monkeypatch):
+    import bitsandbytes.functional
+
+    from molora.merge import quantized
+
+    monkeypatch.delattr(bitsandbytes.functional, "_convert_weight_packed_for_cpu_inverse", raising=False)
+    with pytest.raises(ImportError, match=r"bitsandbytes .* lacks: install a supported version .*bitsandbytes>=0\.45,<0\.51"):
+        quantized._cpu_unpacker()
+
+
+def test_the_qlora_extra_bounds_bitsandbytes():
+    import tomllib
+    from pathlib import Path
+
+    from molora.merge.quantized import BNB_SUPPORTED
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in ("qlora", "test"):
+        assert f"bitsandbytes{BNB_SUPPORTED}" in extras[extra]

@@ -109,7 +109,7 @@ def _resume(root: Path, tmp_path: Path, name: str, damage=None, **extra) -> list
     ("damage", "extra", "message"),
     [
         (None, {"molora.r": 8}, r"molora config differs .*'r': \(4, 8\)"),
-        (None, {}, "at step 2 >= train.max_steps=2"),
+        (None, {"train.max_steps": 1}, r"at step 2 > train.max_steps=1; set train.max_steps >= 2"),
         (
             lambda c: (c / "optimizer.pt").write_bytes(b"PK\x03\x04"),
             {"train.max_steps": 3},
@@ -121,7 +121,7 @@ def _resume(root: Path, tmp_path: Path, name: str, damage=None, **extra) -> list
             r"trainer_state\.json' is damaged",
         ),
     ],
-    ids=["config-mismatch", "already-finished", "corrupt-optimizer", "corrupt-state"],
+    ids=["config-mismatch", "beyond-max-steps", "corrupt-optimizer", "corrupt-state"],
 )
 def test_resume_errors_name_the_checkpoint(finished, tmp_path, capsys, damage, extra, message):
     assert main(_resume(finished, tmp_path, "r", damage, **extra)) == 2

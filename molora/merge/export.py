@@ -64,6 +64,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from molora.core.config import task_folder_name
+from molora.io import non_finite_layers
 from molora.merge.factors import (
     METHODS,
     MergedFactors,
@@ -129,6 +130,17 @@ def _layer_factors(
         with torch.no_grad():
             out[name] = merge_layer(layer, gates[name], method=method, rank=rank)  # shared experts included
     return out
+
+
+def _check_finite(model: nn.Module) -> None:
+    """Refuse a model with NaN or inf adapter weights (a diverged run): the merge would be NaN."""
+    bad = non_finite_layers(model)
+    if bad:
+        raise ValueError(
+            f"the MoLoRA model has NaN or inf weights in layer {bad[0]!r}"
+            f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: nothing was exported; "
+            "use an adapter from before the training diverged (an earlier checkpoint)"
+        )
 
 
 def _check_target(model: nn.Module, target: str) -> None:
@@ -316,7 +328,7 @@ def export_merged_adapter(
 
     Raises:
         ValueError: bad ``method``/``rank``/``weights``/``task``/``target``, an all-zero merge,
-            or ``target="vllm"`` with modules_to_save.
+            ``target="vllm"`` with modules_to_save, or NaN/inf adapter weights (naming the layer).
         FileExistsError: ``path`` is a non-empty folder that is not a previous export.
     """
     if method not in METHODS:
@@ -327,6 +339,7 @@ def export_merged_adapter(
         raise ValueError(f"`rank` must be an int, 'auto' or None, got {rank!r}")
     _check_svd_rank(model, rank)
     _check_target(model, target)
+    _check_finite(model)
     batches = list(eval_batches) if eval_batches is not None else None
     path = Path(path)
     opts = {
@@ -375,6 +388,7 @@ def merge_and_unload(
 
     if task == "all":
         raise ValueError("`task='all'` is for export_merged_adapter; merge_and_unload takes one task")
+    _check_finite(model)
     gates = resolve_weights(model, weights, task)
     layers = _molora_layers(model)
     dequantize_for_merge(model.get_base_model(), {name: layer.base_layer for name, layer in layers.items()})

@@ -7,15 +7,26 @@ therefore dequantizes the whole base (transformers' ``model.dequantize()``) and 
 the dequantized weights, which are exactly the weights the adapter was trained against. The
 merged model comes back unquantized, in the base model's dtype (``model.dtype``: the
 ``dtype=`` it was loaded with), with the memory of a full-precision model; a warning says so.
+
+The CPU path needs a private bitsandbytes function (see :func:`_unpack_cpu_4bit`), so the
+merge guards itself: before dequantizing, each quantized target layer's own output on a probe
+input is recorded, and after, the dequantized weight must reproduce it (a bitsandbytes whose
+layout changed gives wrong weights: an error, never a silently wrong merge). The supported
+versions are bounded in the ``qlora`` extra (:data:`BNB_SUPPORTED`).
 """
 
 from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 
-__all__ = ["base_quantization", "dequantize_for_merge", "merge_note", "quantized_kind"]
+__all__ = ["BNB_SUPPORTED", "base_quantization", "dequantize_for_merge", "merge_note", "quantized_kind"]
+
+BNB_SUPPORTED = ">=0.45,<0.51"  # the qlora extra's bound: the CPU unpacking below is written for 0.48-0.50
+PROBE_TOLERANCE = 0.05  # relative error of a dequantized layer's output vs the layer's own (8-bit also quantizes x)
+_PROBE_LAYERS = 8  # layers probed per merge (each a (4, in) matmul)
 
 
 def quantized_kind(layer: nn.Module) -> str | None:
@@ -77,8 +88,10 @@ def dequantize_for_merge(base_model: nn.Module, base_layers: dict[str, nn.Module
         f"full-precision model. The merged weights are the dequantized {kind} weights plus the update.",
         stacklevel=4,
     )
+    probes = _probe(base_model, {name: base_layers[name] for name in list(kinds)[:_PROBE_LAYERS]})
     _unpack_cpu_4bit(base_model)
     base_model.dequantize()
+    _check_probes(base_model, probes, kind)
 
 
 def _unpack_cpu_4bit(model: nn.Module) -> None:
@@ -94,8 +107,7 @@ def _unpack_cpu_4bit(model: nn.Module) -> None:
         weight = getattr(module, "weight", None)
         state = getattr(weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
+            _convert_weight_packed_for_cpu_inverse = _cpu_unpacker()
             nested = getattr(state, "original_nested", False)
             weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
             if not nested and state.absmax.dim() == 2:
@@ -105,3 +117,64 @@ def _unpack_cpu_4bit(model: nn.Module) -> None:
             weight.quant_state = state
             if getattr(module, "quant_state", None) is not None:
                 module.quant_state = weight.quant_state
+
+
+def _bnb_version() -> str:
+    try:
+        import bitsandbytes
+
+        return str(getattr(bitsandbytes, "__version__", "unknown"))
+    except ImportError:
+        return "not installed"
+
+
+def _cpu_unpacker():
+    """bitsandbytes' private inverse of its CPU 4-bit repacking.
+
+    Raises:
+        ImportError: this bitsandbytes has no such function (names the version and the supported range).
+    """
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError as err:
+        raise ImportError(
+            f"merging into a 4-bit base on CPU needs bitsandbytes' _convert_weight_packed_for_cpu_inverse, which "
+            f"bitsandbytes {_bnb_version()} lacks: install a supported version (pip install 'bitsandbytes{BNB_SUPPORTED}'), "
+            "or load the base in full precision and merge there"
+        ) from err
+    return _convert_weight_packed_for_cpu_inverse
+
+
+def _probe(base_model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
+    """{name: (module path, x (4, in), the layer's own output (4, out) float32)} of quantized layers."""
+    paths = {id(module): path for path, module in base_model.named_modules()}
+    out = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            weight = layer.weight
+            dtype = getattr(layer, "compute_dtype", None) or torch.float32
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(4, layer.in_features, generator=gen).to(device=weight.device, dtype=dtype)  # (4, in)
+            out[name] = (paths[id(layer)], x, layer(x).float())
+    return out
+
+
+def _check_probes(base_model: nn.Module, probes: dict[str, tuple[str, torch.Tensor, torch.Tensor]], kind: str) -> None:
+    """The dequantized layers reproduce the quantized layers' own outputs on the probes.
+
+    Raises:
+        ValueError: a layer's relative output error is above :data:`PROBE_TOLERANCE`.
+    """
+    with torch.no_grad():
+        for name, (path, x, want) in probes.items():
+            layer = base_model.get_submodule(path)
+            got = layer(x.to(layer.weight.dtype)).float()  # (4, out)
+            error = float((got - want).norm() / want.norm().clamp_min(1e-12))
+            if not error <= PROBE_TOLERANCE:
+                raise ValueError(
+                    f"merge_and_unload: the dequantized {kind} weight of {name!r} does not reproduce the layer's own "
+                    f"output (relative error {error:.3g} > {PROBE_TOLERANCE}): bitsandbytes {_bnb_version()} stores "
+                    f"its weights in a layout molora does not know; the base is now dequantized but nothing was merged. "
+                    f"Install a supported bitsandbytes ('bitsandbytes{BNB_SUPPORTED}'), or load the base in full "
+                    "precision and merge there"
+                )

@@ -13,7 +13,17 @@ from molora.atomic import atomic_directory
 from molora.training.run_config import RunConfig
 from molora.training.quiet import quiet_bitsandbytes_import
 
-__all__ = ["BASE_MODEL_DIR", "check_vocab", "keep_base_with_run", "load_base_model", "prepare_quantized_base"]
+__all__ = [
+    "BASE_MODEL_DIR",
+    "check_model_folder",
+    "check_positions",
+    "check_vocab",
+    "keep_base_with_run",
+    "load_base_model",
+    "load_pretrained",
+    "model_class",
+    "prepare_quantized_base",
+]
 
 BASE_MODEL_DIR = "base_model"
 
@@ -49,12 +59,65 @@ def load_base_model(config: RunConfig, tokenizer) -> torch.nn.Module:
     else:
         if m.quantization is not None:
             kwargs.update(_quantized_loading(m.quantization))
-        model = auto.from_pretrained(
-            m.name_or_path, dtype=dtype or "auto", trust_remote_code=m.trust_remote_code, **kwargs
+        model = load_pretrained(
+            auto, m.name_or_path, "model.name_or_path", dtype=dtype or "auto", trust_remote_code=m.trust_remote_code, **kwargs
         )
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last token with it
     return model
+
+
+def check_model_folder(name_or_path: str, field: str) -> None:
+    """A local model folder must hold safetensors weights: molora never unpickles (DESIGN §8).
+
+    Raises:
+        ValueError: the folder holds only pickle weights (``*.bin``, ``*.pt``, ``*.pth``).
+    """
+    folder = Path(name_or_path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in folder.glob(pattern))
+    if pickles:
+        raise ValueError(
+            f"{field}={name_or_path!r} holds pickle weights only ({', '.join(pickles[:3])}), which molora does not "
+            "load (unpickling runs code): save the model with save_pretrained(..., safe_serialization=True) first"
+        )
+
+
+def model_class(name: Any, field: str):
+    """The transformers model class called ``name`` (a config's ``architectures`` entry).
+
+    Raises:
+        ValueError: ``name`` is not a transformers model class (a config, a tokenizer, a function...).
+    """
+    import transformers
+
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(
+            f"{field}={name!r} is not a transformers model class (e.g. 'LlamaForCausalLM'); fix the base model's config.json"
+        )
+    return cls
+
+
+def load_pretrained(cls, name_or_path: str, field: str, **kwargs) -> torch.nn.Module:
+    """``cls.from_pretrained(name_or_path, use_safetensors=True, **kwargs)``, its errors as one
+    ValueError naming ``field`` and the folder.
+
+    Raises:
+        ValueError: pickle-only weights (:func:`check_model_folder`), or the model could not be loaded.
+    """
+    check_model_folder(name_or_path, field)
+    try:
+        return cls.from_pretrained(name_or_path, use_safetensors=True, **kwargs)
+    except ImportError:
+        raise  # a missing optional package says which one
+    except Exception as e:  # noqa: BLE001 - transformers, safetensors and torch raise many types for a bad folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{field}={name_or_path!r}: cannot load the base model with {cls.__name__} ({type(e).__name__}: {first[:300]}); "
+            "it must be a transformers model folder (config.json and *.safetensors) or a model id"
+        ) from e
 
 
 def _config_from_dict(cfg: dict[str, Any], kwargs: dict[str, Any]):
@@ -91,6 +154,42 @@ def check_vocab(model: torch.nn.Module, tokenizer, config: RunConfig) -> None:
         f"{field}={rows} is smaller than the tokenizer's {len(tokenizer)} tokens "
         f"(model.tokenizer={config.model.tokenizer or config.model.name_or_path!r}): ids >= {rows} have no embedding; "
         f"set {field} >= {len(tokenizer)}"
+    )
+
+
+_LEARNED_POSITIONS = ("wpe", "position_embeddings", "embed_positions", "pos_emb")  # GPT-2, BERT, OPT, ...
+
+
+def check_positions(model: torch.nn.Module, max_length: int, warn) -> None:
+    """``data.max_length`` against the positions the model knows (``max_position_embeddings``
+    or ``n_positions``): above them a model with a learned position table fails with an
+    IndexError mid-run (refused here), a RoPE model extrapolates past its trained length (warned).
+
+    Args:
+        model: the base model.
+        max_length: ``data.max_length``.
+        warn: prints a warning line (the accelerator's print).
+
+    Raises:
+        ValueError: a learned position table shorter than ``max_length``.
+    """
+    cfg = getattr(model, "config", None)
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not isinstance(positions, int) or max_length <= positions:
+        return
+    learned = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _LEARNED_POSITIONS
+    ]
+    if learned:
+        raise ValueError(
+            f"data.max_length={max_length} is above the base model's {positions} learned positions ({learned[0]!r}): "
+            f"longer sequences have no position embedding; set data.max_length <= {positions}"
+        )
+    warn(
+        f"warning: data.max_length={max_length} is above the base model's max_position_embeddings={positions}: "
+        "positions past it were never trained (RoPE extrapolates), quality may drop; lower data.max_length"
     )
 
 

@@ -32,6 +32,13 @@ from molora.core.config import MoLoRAConfig
 from molora.io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict
 from molora.model import MoLoRAModel
 from molora.training.distributed import gather_full_tensors, is_sharded
+from molora.training.resume import (
+    changed_settings,
+    check_optimizer_state,
+    check_trainer_state,
+    fresh_hyperparameters,
+    reschedule,
+)
 from molora.training.run_dir import CHECKPOINTS, STATE, checkpoint_dirs, checkpoint_step
 
 __all__ = ["load_checkpoint_model", "load_training_state", "save_adapter", "save_checkpoint"]
@@ -234,57 +241,65 @@ def load_checkpoint_model(base: torch.nn.Module, ckpt: Path, config: MoLoRAConfi
     return model
 
 
-def load_training_state(
-    accelerator, model, optimizer, scheduler, ckpt: Path, *, batch_size: int, max_steps: int
-) -> tuple[int, int]:
-    """Restore the optimizer, scheduler and this rank's RNG from a checkpoint.
+def load_training_state(accelerator, model, optimizer, scheduler, ckpt: Path, *, train) -> dict[str, Any]:
+    """Restore the optimizer's moments, the step and this rank's RNG from a checkpoint; the
+    learning rates and the schedule come from the current config (:mod:`molora.training.resume`).
 
     Args:
         accelerator: the run's ``accelerate.Accelerator``.
         model: the prepared (possibly sharded) model the optimizer holds the parameters of.
-        optimizer: the prepared optimizer.
-        scheduler: the lr scheduler.
+        optimizer: the prepared optimizer, as the current config built it.
+        scheduler: the lr scheduler, as the current config built it.
         ckpt: the checkpoint folder.
-        batch_size: ``train.batch_size`` (a change is warned about: the data order differs).
-        max_steps: ``train.max_steps``.
+        train: the current ``train`` section (a changed batch size is warned about: the data
+            order differs; changed lr / schedule settings are listed).
 
     Returns:
-        ``(step, micro_step)`` of the checkpoint.
+        The checked trainer state (:func:`molora.training.resume.check_trainer_state`):
+        ``step``, ``micro_step``, ``max_grad_accum``, ...
 
     Raises:
-        ValueError: the checkpoint is already at ``max_steps`` or beyond, or its optimizer
-            state is laid out for another sharding (``train.fsdp``, number of processes).
+        ValueError: the checkpoint is beyond ``train.max_steps``, its trainer state or optimizer
+            state is damaged or of another model, or laid out for another sharding.
     """
     with _reading(ckpt / STATE):
-        state = json.loads((ckpt / STATE).read_text())
-        state = {k: state[k] for k in ("step", "micro_step", "world_size", "batch_size")} | {
-            "fsdp": bool(state.get("fsdp", False))
-        }
+        state = check_trainer_state(json.loads((ckpt / STATE).read_text()), ckpt / STATE)
     _check_layout(accelerator, model, state, ckpt)
-    if state["world_size"] != accelerator.num_processes or state["batch_size"] != batch_size:
+    if state["step"] > train.max_steps:
+        raise ValueError(
+            f"--resume: checkpoint {ckpt} is at step {state['step']} > train.max_steps={train.max_steps}; "
+            f"set train.max_steps >= {state['step']}, or resume from an earlier checkpoint with --resume-from"
+        )
+    if state["world_size"] != accelerator.num_processes or state["batch_size"] != train.batch_size:
         accelerator.print(
             f"warning: resuming with another world size / batch size than {ckpt}: the data order differs from an uninterrupted run"
         )
+    fresh = fresh_hyperparameters(optimizer)
     optimizer_file = ckpt / _optimizer_file(accelerator, model)
     with _reading(optimizer_file):
         saved = torch.load(optimizer_file, weights_only=True, map_location="cpu")
+    named = dict(model.named_parameters()) if is_sharded(model) else None
+    check_optimizer_state(optimizer, saved, optimizer_file, named)
+    with _reading(optimizer_file):
         if is_sharded(model):
             _load_sharded_optimizer(model, optimizer, saved)
         else:
             optimizer.load_state_dict(saved)
-    with _reading(ckpt / "scheduler.pt"):
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    reschedule(optimizer, scheduler, fresh, state["step"])
     rng_file = ckpt / f"rng_rank{accelerator.process_index}.pt"
     if rng_file.is_file():
         with _reading(rng_file):
             _set_rng_state(torch.load(rng_file, weights_only=True))
-    step, micro = state["step"], state["micro_step"]
-    if step >= max_steps:
-        raise ValueError(
-            f"--resume: checkpoint {ckpt} is at step {step} >= train.max_steps={max_steps}; raise train.max_steps to train on"
+    else:
+        accelerator.print(
+            f"warning: --resume: {rng_file} is missing: random draws (dropout, router jitter) differ from an "
+            "uninterrupted run; the data order does not"
         )
-    accelerator.print(f"resumed from {ckpt} at step {step}")
-    return step, micro
+    changed = changed_settings(state["train"], train)
+    if changed:
+        accelerator.print("resume: settings changed since the checkpoint, taken from the current config: " + "; ".join(changed))
+    accelerator.print(f"resumed from {ckpt} at step {state['step']}")
+    return state
 
 
 def _check_layout(accelerator, model, state: dict[str, Any], ckpt: Path) -> None:

@@ -98,8 +98,8 @@ def shard_model(model: torch.nn.Module, accelerator) -> torch.nn.Module:
     The trainable parameters (adapters, routers) are first broadcast from rank 0, as DDP does;
     the frozen base is the same on every rank (loaded from the same files or built from the
     same seed). Under bf16 the parameters are all-gathered and computed in bf16 and the
-    gradients reduced in float32 (``MixedPrecisionPolicy``); the sharded master copies keep
-    their dtype. Build the optimizer afterwards: it must hold the sharded parameters.
+    gradients reduced in float32 (``MixedPrecisionPolicy``), except the routers', which are
+    their own units gathered and computed in float32; the sharded master copies keep their dtype. Build the optimizer afterwards: it must hold the sharded parameters.
 
     Args:
         model: the MoLoRA model (its ``base_model`` names its decoder layer classes in
@@ -123,12 +123,31 @@ def shard_model(model: torch.nn.Module, accelerator) -> torch.nn.Module:
     policy = MixedPrecisionPolicy()
     if accelerator.mixed_precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if accelerator.mixed_precision == "bf16":
+        _shard_routers_in_float32(model, mesh)
     layer_classes = set(getattr(model.base_model, "_no_split_modules", None) or ())
     for module in list(model.modules()):
         if type(module).__name__ in layer_classes:
             fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def _shard_routers_in_float32(model: torch.nn.Module, mesh) -> None:
+    """Each router its own FSDP2 unit with a float32 policy (parameters gathered and computed in
+    float32, its inputs cast to float32), inside the bf16 unit of its decoder layer: routing
+    uses float32 weights under bf16 (DESIGN §5), as it does without FSDP. A router shared by a
+    block (``router_sharing="block"``) is sharded once."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    seen = set()
+    for layer in model.molora_layers().values():
+        router = layer.router
+        if id(router) in seen or not any(True for _ in router.parameters()):
+            continue
+        seen.add(id(router))
+        fully_shard(router, mesh=mesh, mp_policy=policy)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -1,26 +1,18 @@
 """The multitask training loop on ``accelerate``: one code path for a single process, DDP and
 FSDP2 (``accelerate launch`` or torchrun; ``train.fsdp``: :mod:`molora.training.distributed`).
 
-``train(config)`` builds the tokenizer, the per-task data (tokenized per task, then mixed
-with ``molora.training.data.mix_tasks``), the base model and its MoLoRA wrapper, and runs AdamW with
-separate learning rates for routers and for the experts' B (LoRA+), warm-up then a
-cosine/linear/constant schedule, gradient accumulation and mixed precision. It writes to
-``train.output_dir`` (names in :mod:`molora.training.run_dir`):
+``train(config)`` builds the tokenizer, the per-task data, the base model and its MoLoRA wrapper,
+and runs AdamW (routers and LoRA+ B at their own lr), warm-up then a schedule, gradient
+accumulation and mixed precision. It writes to ``train.output_dir`` (:mod:`molora.training.run_dir`):
 
-- ``run_config.yaml``: the resolved config.
-- ``metrics.jsonl``: train, routing-health and eval records (:mod:`molora.training.metrics`;
-  eval as :func:`molora.training.evaluation.evaluate` returns it; routing health as
-  :func:`molora.training.health.health_record`, which also warns once when routing stays
-  uniform or collapses); train records add tokens per second and an ETA.
-  ``train.report_to: [tensorboard]`` sends every record's scalars to ``tensorboard/`` too
-  (:mod:`molora.training.reporting`).
-- ``samples.jsonl``: greedy eval completions per task (``train.eval_samples``; :mod:`molora.training.samples`).
-- ``checkpoints/step_XXXXXXX/`` (:mod:`molora.training.checkpoints`). ``resume=True``
-  continues from the newest one (the same losses as an uninterrupted run: the data order is
-  a function of the seed and the number of batches consumed).
-- ``base_model/``: the base weights when the model is built from config.
-- ``final/``: the final adapter; ``export/``: per-task merged PEFT adapters
-  (:mod:`molora.training.export`); ``summary.json``.
+- ``run_config.yaml``; ``metrics.jsonl``: train (with tokens/s and ETA), routing-health
+  (:mod:`molora.training.health`: warns once when routing stays uniform or collapses) and eval
+  records, also sent to TensorBoard with ``train.report_to`` (:mod:`molora.training.reporting`);
+  ``samples.jsonl``: greedy eval completions (``train.eval_samples``).
+- ``checkpoints/step_XXXXXXX/`` (:mod:`molora.training.checkpoints`); ``resume=True`` continues
+  from the newest one with the current config's lr and schedule (:mod:`molora.training.resume`).
+- ``base_model/`` (a model built from config), ``final/``, ``export/`` (:mod:`molora.training.export`)
+  and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -41,11 +33,12 @@ from molora.core.routing_health import RoutingHealthMonitor
 from molora.inject import find_target_modules
 from molora.merge.from_peft import freeze_experts
 from molora.model import MoLoRAModel, get_molora_model
-from molora.training.base_model import check_vocab, keep_base_with_run, load_base_model, prepare_quantized_base
+from molora.training.base_model import check_positions, check_vocab, keep_base_with_run, load_base_model, prepare_quantized_base
 from molora.training.checkpoints import load_checkpoint_model, load_training_state, save_adapter, save_checkpoint
 from molora.training.data import MultitaskCollator
 from molora.training.distributed import check_launcher, is_sharded, make_accelerator, no_sync, shard_model
 from molora.training.evaluation import evaluate
+from molora.training.divergence import check_step_finite, check_weights_finite, warn_scaling
 from molora.training.health import TRAIN_HINT, health_record
 from molora.training.export import export_per_task
 from molora.training.loaders import build_datasets, build_loaders, check_files
@@ -54,6 +47,7 @@ from molora.training.objective import count_targets, micro_batch_loss
 from molora.training.optim import build_optimizer
 from molora.training.quiet import library_progress
 from molora.training.reporting import eta_seconds, input_tokens, lr_text, make_sinks, speed_text
+from molora.training.resume import SCHEDULE_FIELDS, logged_so_far
 from molora.training.run_config import RunConfig
 from molora.training.run_dir import EXPORT, FINAL, METRICS, RUN_CONFIG, SUMMARY, check_fresh, resolve_resume, run_lock
 from molora.training.samples import SAMPLES, eval_samples
@@ -88,6 +82,8 @@ class _Run:
     tokens_per_s: float | None = None
     last_loss: float | None = None
     last_eval: dict[str, Any] | None = None
+    eval_step: int | None = None  # the step of last_eval
+    max_grad_accum: int = 1  # the largest grad_accum of the run so far (checks a resumed micro_step)
 
 
 def train(config: RunConfig, *, resume: bool | str | os.PathLike | None = None) -> dict[str, Any]:
@@ -128,6 +124,7 @@ def _train_locked(config: RunConfig, accelerator, output_dir: Path, resume) -> d
             train_ds, eval_sets = build_datasets(config, tokenizer)
         model = _build_model(config, tokenizer, output_dir, ckpt=ckpt, main=accelerator.is_main_process)
     collator = MultitaskCollator.from_tokenizer(tokenizer, pad_to_multiple_of=config.data.pad_to_multiple_of)
+    warn_scaling(accelerator, model)
     trainable, total = model.get_nb_trainable_parameters()
     run = _prepare(accelerator, config, output_dir, model, train_ds, eval_sets, collator)
     run.tokenizer, run.eval_sets = tokenizer, eval_sets
@@ -137,7 +134,8 @@ def _train_locked(config: RunConfig, accelerator, output_dir: Path, resume) -> d
             f"trainable params: {trainable:,d} || all params: {total:,d} || tasks: {list(config.data.tasks)}"
         )
     _train_steps(run)
-    run.last_eval = _run_eval(run) or run.last_eval
+    if run.eval_step != run.step:  # a resumed finished run may have its final eval already
+        run.last_eval = _run_eval(run) or run.last_eval
     accelerator.wait_for_everyone()
     summary = _summary(run, trainable=trainable, total=total)
     _save_final(run, summary, eval_sets, collator)
@@ -159,6 +157,7 @@ def _build_model(config: RunConfig, tokenizer, output_dir: Path, *, ckpt: Path |
     """The base model wrapped with MoLoRA: the checkpoint's adapter when resuming, else a fresh one."""
     base = load_base_model(config, tokenizer)
     check_vocab(base, tokenizer, config)
+    check_positions(base, config.data.max_length, print if main else lambda text: None)
     find_target_modules(base, config.molora.target_modules)  # a typo fails before anything is written
     if config.model.from_config is not None:
         base = keep_base_with_run(base, output_dir, resuming=ckpt is not None, main=main)
@@ -216,22 +215,20 @@ def _prepare(
 def _restore(run: _Run, ckpt: Path | None) -> None:
     """Resume the optimizer, scheduler, RNG and data position from ``ckpt``; open the metrics log."""
     t = run.config.train
+    run.max_grad_accum = t.grad_accum
     if ckpt is not None:
-        run.step, run.micro = load_training_state(
-            run.accelerator,
-            run.model,
-            run.optimizer,
-            run.scheduler,
-            ckpt,
-            batch_size=t.batch_size,
-            max_steps=t.max_steps,
-        )
+        state = load_training_state(run.accelerator, run.model, run.optimizer, run.scheduler, ckpt, train=t)
+        run.step, run.micro = state["step"], state["micro_step"]
+        run.max_grad_accum = max(state["max_grad_accum"], t.grad_accum)
     keep_until = run.step if ckpt is not None else None
     main = run.accelerator.is_main_process
     sinks = make_sinks(t.report_to, run.output_dir, main=main)
     run.log = MetricsLog(run.output_dir / METRICS, main, keep_until=keep_until, sinks=sinks)
     run.samples_log = MetricsLog(run.output_dir / SAMPLES, main, keep_until=keep_until)
     run.health = RoutingHealthMonitor(t.max_steps, router=run.config.molora.router, hint=TRAIN_HINT)
+    if ckpt is not None:  # what the summary of a finished run reports (every rank: eval is collective)
+        run.last_loss, run.last_eval = logged_so_far(run.output_dir / METRICS, run.step)
+        run.eval_step = run.step if run.last_eval is not None else None
 
 
 def _batches(run: _Run):
@@ -278,6 +275,7 @@ def _train_steps(run: _Run) -> None:
             run.last_eval = _run_eval(run)
             run.logged_at = time.time()  # tokens/s counts training time only
         if t.save_every and (run.step % t.save_every == 0 or run.step == t.max_steps):  # the last step too: resumable
+            check_weights_finite(run.accelerator, run.inner, t, run.step)
             save_checkpoint(
                 run.accelerator,
                 run.model,
@@ -311,6 +309,7 @@ def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]
     batches = [next(stream) for _ in range(t.grad_accum)]
     run.micro += t.grad_accum
     step_targets = torch.stack([count_targets(b["labels"], causal=causal) for b in batches]).sum()
+    step_loss = torch.zeros((), device=accelerator.device)
     for k, batch in enumerate(batches):
         # gradients are all-reduced on the last micro-batch only
         sync = contextlib.nullcontext() if k == t.grad_accum - 1 else no_sync(accelerator, model)
@@ -319,11 +318,13 @@ def _optimizer_step(run: _Run, stream, window: torch.Tensor) -> dict[str, float]
                 model, run.inner, batch, causal=causal, step_targets=step_targets, grad_accum=t.grad_accum
             )
             accelerator.backward(loss)
+        step_loss += loss.detach().float()
         window[:3] += stats.to(window.device, window.dtype)
         window[3] += run.inner.aux_loss().detach().float() / t.grad_accum
         window[4] += input_tokens(batch)
-    if t.max_grad_norm is not None:
-        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+    # the norm is measured whether or not it clips (max_norm=inf scales by 1)
+    norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+    check_step_finite(accelerator, t, run.step + 1, step_loss, norm)
     lrs = {f"lr_{g['name']}": g["lr"] for g in run.optimizer.param_groups}  # the lr of this step
     run.optimizer.step()
     run.scheduler.step()
@@ -369,6 +370,7 @@ def _run_eval(run: _Run) -> dict[str, Any] | None:
         return None
     result = evaluate(run.accelerator, run.model, run.eval_loaders, causal=run.config.model.task_type == "causal_lm")
     run.log.write({"type": "eval", "step": run.step, **result})
+    run.eval_step = run.step
     summary = ", ".join(f"{n}: loss {r['loss']:.4f} acc {r['accuracy']:.3f}" for n, r in result["tasks"].items())
     run.accelerator.print(f"step {run.step} eval | {summary}")
     _log_samples(run)
@@ -400,7 +402,9 @@ def _trainer_state(run: _Run) -> dict[str, Any]:
         "world_size": run.accelerator.num_processes,
         "batch_size": t.batch_size,
         "grad_accum": t.grad_accum,
+        "max_grad_accum": run.max_grad_accum,
         "seed": t.seed,
+        "train": {key: getattr(t, key) for key in SCHEDULE_FIELDS},  # what a resume reports as changed
         "fsdp": is_sharded(run.model),  # the optimizer state is then one shard per rank
     }
 

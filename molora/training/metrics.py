@@ -5,13 +5,15 @@
 and at each log step ``{"type": "routing_health", "step", "layers": {layer: {"all": {...},
 "tasks": {task: {...}}}}, "summary": {...}}`` (:mod:`molora.routing_health`).
 
-A run killed while appending leaves a partial last line: :func:`read_metrics` drops it (and
+A non-finite number is written as ``null`` (JSON has no NaN; a run stops at the first
+non-finite loss anyway). A run killed while appending leaves a partial last line: :func:`read_metrics` drops it (and
 ``--resume`` rewrites the log without it); a bad line anywhere else is an error naming it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +81,7 @@ class MetricsLog:
         """Append ``record`` as one line and pass it to the sinks (no-op on other processes)."""
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
             for sink in self.sinks:
                 sink.write(record)
 
@@ -93,3 +95,14 @@ class MetricsLog:
         for sink in self.sinks:
             sink.close()
         self.sinks = []
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

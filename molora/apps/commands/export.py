@@ -175,15 +175,20 @@ def find_adapter_dir(source: str | os.PathLike) -> Path:
 
 
 def load_base_model(name_or_path: str) -> Any:
-    """Load a transformers model offline with the class its config's ``architectures`` names."""
+    """Load a transformers model offline with the class its config's ``architectures`` names
+    (a model class only), from safetensors only; a failure is one ValueError naming the folder."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    from molora.training.base_model import load_pretrained, model_class
+
+    field = f"base model {name_or_path!r}"
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{field}: no readable transformers config.json ({type(e).__name__}: {str(e)[:200]})") from e
     architectures = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    if cls is None:
-        cls = transformers.AutoModelForCausalLM
-    return cls.from_pretrained(name_or_path, local_files_only=True)
+    cls = model_class(architectures[0], "config.json architectures[0]") if architectures else transformers.AutoModelForCausalLM
+    return load_pretrained(cls, name_or_path, "base model", local_files_only=True)
 
 
 def _last_eval_routing(metrics: Path) -> dict[str, dict] | None:

@@ -183,7 +183,11 @@ def run(args: argparse.Namespace) -> int:
         recover_tree(run_dir)
 
     if not (run_dir / "metrics.jsonl").is_file() and is_adapter_dir(run_dir):
-        print(describe_adapter(run_dir))
+        try:
+            print(describe_adapter(run_dir))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"molora inspect: {e}", file=sys.stderr)
+            return 2
         return 0
     try:
         records = load_metrics(run_dir)

@@ -73,10 +73,16 @@ def _task_gates(path: Path, config: dict[str, Any], layers: list[str]) -> list[s
 
 
 def _describe_molora(path: Path) -> list[str]:
+    from molora import MoLoRAConfig
     from molora.io import read_metadata
 
     meta = read_metadata(path)
     config, tensors = meta["config"], meta["tensors"]
+    try:  # what loading it would check: an adapter with an invalid config is not shown as fine
+        MoLoRAConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        problems = " ".join(line.strip() for line in str(e).splitlines())
+        raise ValueError(f"{path / 'molora_config.json'}: its config is invalid: {problems}") from e
     shapes = _shapes_by_module(tensors)
     params = sum(math.prod(s) for s in tensors.values())
     keys = (
