@@ -22,13 +22,23 @@ from molora.merge.vllm import VLLM_RANKS, vllm_rank
 __all__ = ["choose_rank", "format_rank_table"]
 
 
-def _spectra(layers: Mapping[str, Any], gates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _spectra(
+    layers: Mapping[str, Any], gates: Mapping[str, torch.Tensor], task: int | None = None
+) -> dict[str, torch.Tensor]:
     """{layer: (m,) singular values of its dW} and the exact "cat" rank of each layer."""
     out = {}
     with torch.no_grad():
         for name, layer in layers.items():
-            out[name] = layer_singular_values(layer, gates[name])
+            out[name] = layer_singular_values(layer, gates[name], task)
     return out
+
+
+def _residual_rows(layer: Any, task: int | None) -> int:
+    """Rows PiSSA's frozen residual adds to a layer's "cat" merge (0 without PiSSA)."""
+    if getattr(layer, "pissa_B", None) is None:
+        return 0
+    gates = layer.pissa_gates[0 if layer.pissa_gates.shape[0] == 1 or task is None else int(task)]
+    return int((gates != 0).sum()) * layer.r
 
 
 def _row(spectra: Mapping[str, torch.Tensor], rank: int) -> dict[str, Any]:
@@ -38,7 +48,12 @@ def _row(spectra: Mapping[str, torch.Tensor], rank: int) -> dict[str, Any]:
 
 
 def choose_rank(
-    layers: Mapping[str, Any], gates: Mapping[str, torch.Tensor], *, tolerance: float, target: str
+    layers: Mapping[str, Any],
+    gates: Mapping[str, torch.Tensor],
+    *,
+    tolerance: float,
+    target: str,
+    task: int | None = None,
 ) -> tuple[str, int | None, dict[str, Any]]:
     """The method and rank of a ``rank="auto"`` export, and its rank-versus-error table.
 
@@ -47,6 +62,7 @@ def choose_rank(
         gates: ``{name: (N,)}`` static gates.
         tolerance: the largest relative Frobenius error allowed on any layer, >= 0.
         target: ``"peft"`` (any rank) or ``"vllm"`` (a rank of :data:`VLLM_RANKS`).
+        task: the task whose PiSSA residual a task-router merge includes (None: no task).
 
     Returns:
         ``(method, rank, auto)``: ``("cat", None, ...)`` or ``("svd", k, ...)``; ``auto`` is
@@ -58,8 +74,8 @@ def choose_rank(
     """
     if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < float("inf")):
         raise ValueError(f"`tolerance` must be a finite number >= 0, got {tolerance!r}")
-    spectra = _spectra(layers, gates)
-    cat_rank = max(int((g != 0).sum()) * layer.r for layer, g in ((layers[n], gates[n]) for n in layers))
+    spectra = _spectra(layers, gates, task)
+    cat_rank = max(int((gates[n] != 0).sum()) * layer.r + _residual_rows(layer, task) for n, layer in layers.items())
     exact = max(1, max(s.numel() for s in spectra.values()))  # rank at which every layer is exact
     if target == "vllm":
         candidates = [k for k in VLLM_RANKS if k < vllm_rank(exact)] + [vllm_rank(exact)]
