@@ -114,6 +114,7 @@ def dora_output(
     scale = scale.index_select(0, task_ids.to(scale.device).long())  # (batch, out)
     scale = scale.view(scale.shape[0], *([1] * (result.dim() - 2)), -1) if result.dim() > 1 else scale[0]
     bias = layer.base_layer.bias
+    bias = None if bias is None else bias.to(result.dtype)  # keeps a bf16 (autocast) output bf16
     base = result if bias is None else result - bias  # W0 x
     out = scale.to(result.dtype) * (base + delta.to(result.dtype))
     return out if bias is None else out + bias
