@@ -19,7 +19,8 @@ def param_groups(
 ) -> list[dict]:
     """AdamW parameter groups: experts' A (and modules_to_save) at ``lr``; experts' B at
     ``loraplus_lr_ratio * lr`` (LoRA+, Hayou et al. 2024; shared experts' B too); routers at ``router_lr`` without
-    weight decay. Empty groups are left out; each group has a ``name``.
+    weight decay; DoRA's magnitudes at ``lr`` without weight decay (decay would pull m, which starts at
+    ||W0||, toward 0). Empty groups are left out; each group has a ``name``.
 
     Args:
         model: the MoLoRA model; only parameters that require grad are grouped.
@@ -31,7 +32,7 @@ def param_groups(
     Returns:
         ``[{"name", "params", "lr", "weight_decay"}, ...]``.
     """
-    groups: dict[str, list] = {"base": [], "lora_B": [], "router": []}
+    groups: dict[str, list] = {"base": [], "lora_B": [], "router": [], "magnitude": []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -39,12 +40,15 @@ def param_groups(
             groups["router"].append(param)
         elif name.endswith(("lora_B", "lora_B_shared")):  # LoRA+ applies to every B factor
             groups["lora_B"].append(param)
+        elif name.endswith("lora_magnitude"):
+            groups["magnitude"].append(param)
         else:
             groups["base"].append(param)
     settings = {
         "base": (lr, weight_decay),
         "lora_B": (lr * (loraplus_lr_ratio or 1.0), weight_decay),
         "router": (router_lr or lr, 0.0),
+        "magnitude": (lr, 0.0),
     }
     return [
         {"name": key, "params": params, "lr": settings[key][0], "weight_decay": settings[key][1]}
