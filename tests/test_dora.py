@@ -237,3 +237,12 @@ def test_dora_copy_is_independent():
     clone = copy.deepcopy(model)
     a, b = (next(iter(m.molora_layers().values())).lora_magnitude for m in (model, clone))
     assert a is not b and torch.equal(a, b)
+
+
+def test_dora_magnitude_trains_without_weight_decay():
+    from molora.training.optim import param_groups
+
+    model = get_molora_model(tiny_llama(), dora_config())
+    groups = {g["name"]: g for g in param_groups(model, lr=1e-3, router_lr=None, loraplus_lr_ratio=None, weight_decay=0.1)}
+    assert groups["magnitude"]["weight_decay"] == 0.0 and groups["base"]["weight_decay"] == 0.1
+    assert len(groups["magnitude"]["params"]) == len(model.molora_layers())

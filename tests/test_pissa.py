@@ -173,3 +173,18 @@ def test_pissa_bad_configs_are_refused(kw, match):
 def test_pissa_rank_above_the_layer_is_refused():
     with pytest.raises(ValueError, match=r"num_experts \* r <= min\(in, out\)"):
         get_molora_model(tiny_llama(), pissa_config(num_experts=8, r=8))
+
+
+def test_from_lora_adapters_refuses_pissa(tmp_path):
+    with pytest.raises(ValueError, match="cannot be used with from_lora_adapters"):
+        MoLoRAModel.from_lora_adapters(tiny_llama(), [tmp_path / "a"] * N, pissa_config())
+
+
+def test_pissa_training_run_config_builds(tmp_path):
+    """`molora.init_lora_weights=pissa_niter_2` as a dotted override validates like any field."""
+    from conftest import TINY_CONFIG
+
+    from molora.training.run_config import load_run_config
+
+    cfg = load_run_config(TINY_CONFIG, ["molora.init_lora_weights=pissa_niter_2", "molora.router=task"])
+    assert cfg.molora.init_lora_weights == "pissa_niter_2"
