@@ -8,7 +8,9 @@ For the task router a sequence of task t gets the update dW_t = s * sum_i g_{t,i
 with m (out,) one learned magnitude per layer, initialized to the row norms of W0 (PEFT's
 ``lora_magnitude_vector``; "column" norm in the paper's (in, out) notation), and the norm
 detached from the graph (DoRA paper §4.3, as PEFT): gradients reach m, the experts and the
-router through the numerator only. The bias stays outside the normalization, as in PEFT.
+router through the numerator only. The bias stays outside the normalization, as in PEFT. With
+``lora_dropout`` > 0 the experts see dropout(x) and W0 the clean x in training; PEFT's training
+forward instead applies m / ||.|| - 1 to W0 dropout(x). Both are the same in eval and without dropout.
 
 The norm is one (out,) vector per task, not per token, and it is computed for every task of
 the router at once without forming W0 + dW_t. With the experts stacked as A_cat (R, in) and
