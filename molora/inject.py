@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from molora.core.config import MoLoRAConfig
+from molora.core.init import init_pissa_
 from molora.core.layer import Conv1D, MoLoRALinear, linear_shape
 from molora.core.patterns import LayerSpec
 from molora.core.routing import BlockRouting, RoutingContext
@@ -94,12 +95,13 @@ def _adapter_dtype(config: MoLoRAConfig, base_layer: nn.Module) -> torch.dtype:
 
 
 def inject_molora(
-    model: nn.Module, config: MoLoRAConfig, routing_context: RoutingContext
+    model: nn.Module, config: MoLoRAConfig, routing_context: RoutingContext, *, init_weights: bool = True
 ) -> tuple[dict[str, MoLoRALinear], list[str]]:
     """Replace every target layer of ``model`` in place by a MoLoRALinear; freeze the rest.
 
     Each layer takes its N, r, lora_alpha and top_k from the config's patterns
-    (:mod:`molora.core.patterns`), checked before the model is touched.
+    (:mod:`molora.core.patterns`), checked before the model is touched. ``init_weights=False``
+    skips the PiSSA SVDs (a saved adapter is about to overwrite the factors and buffers).
 
     Returns:
         ({qualified name: MoLoRALinear}, names of modules_to_save kept trainable).
@@ -138,7 +140,11 @@ def inject_molora(
             num_shared_experts=config.num_shared_experts,
             routing_block=block,
             owns_router=owner is None,
+            use_dora=config.use_dora,
+            pissa=config.init_lora_weights is not True,
         )
+        if init_weights and config.init_lora_weights is not True:
+            init_pissa_(layer, config.init_lora_weights)
         setattr(parent, child, layer)
         layers[name] = layer
     for name in to_save:

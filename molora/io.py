@@ -9,6 +9,9 @@ A saved adapter is a folder with
 - ``molora_model.safetensors``: ``{name}.lora_A`` (N, r, in) ((1, r, in) with share_lora_A),
   ``{name}.lora_B`` (N, out, r), ``{name}.lora_A_shared`` (M, r, in) and
   ``{name}.lora_B_shared`` (M, out, r) when the layer has M > 0 shared experts,
+  ``{name}.lora_magnitude`` (out,) with ``use_dora``, the PiSSA residual buffers
+  ``{name}.pissa_A`` (N, r, in), ``{name}.pissa_B`` (N, out, r), ``{name}.pissa_gates`` (R, N)
+  with ``init_lora_weights="pissa..."`` (so the adapter applies to the original base weights),
   ``{name}.router.<param>`` for every MoLoRA layer that owns its router (with
   ``router_sharing="block"`` only the first targeted layer of each block), and the parameters of modules_to_save
   under their qualified names.
@@ -67,6 +70,11 @@ def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
         if getattr(layer, "num_shared_experts", 0):
             state[f"{name}.lora_A_shared"] = layer.lora_A_shared
             state[f"{name}.lora_B_shared"] = layer.lora_B_shared
+        if getattr(layer, "use_dora", False):
+            state[f"{name}.lora_magnitude"] = layer.lora_magnitude
+        if getattr(layer, "pissa_B", None) is not None:  # the frozen residual: applies to the original W0
+            for key in ("pissa_A", "pissa_B", "pissa_gates"):
+                state[f"{name}.{key}"] = getattr(layer, key)
         if getattr(layer, "owns_router", True):  # router_sharing="block": saved once, by the block's first layer
             for pname, param in layer.router.named_parameters():
                 state[f"{name}.router.{pname}"] = param
@@ -247,7 +255,7 @@ def load_molora(cls, base_model: torch.nn.Module, path: str | os.PathLike, *, is
         )
 
     # 3. build and assign
-    model = cls(base_model, config)
+    model = cls(base_model, config, init_weights=False)  # the file holds the factors (and PiSSA's buffers)
     state = adapter_state_dict(model)
     problems = _diff({k: list(v.shape) for k, v in state.items()}, file_shapes, "tensor")
     if problems:  # the config builds a different adapter than the one saved

@@ -35,15 +35,17 @@ class MoLoRAModel(RoutingStatsMixin, nn.Module):
     Args:
         base_model: the model to wrap.
         config: a :class:`MoLoRAConfig`.
+        init_weights: initialize the experts as the config says; ``False`` skips the PiSSA
+            SVDs when the weights are loaded right after (``from_pretrained``).
     """
 
-    def __init__(self, base_model: nn.Module, config: MoLoRAConfig):
+    def __init__(self, base_model: nn.Module, config: MoLoRAConfig, *, init_weights: bool = True):
         super().__init__()
         if not isinstance(config, MoLoRAConfig):
             raise TypeError(f"`config` must be a MoLoRAConfig, got {type(config).__name__}")
         requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
         self.routing_context = RoutingContext()
-        layers, to_save = inject_molora(base_model, config, self.routing_context)
+        layers, to_save = inject_molora(base_model, config, self.routing_context, init_weights=init_weights)
         self.base_model = base_model
         self.molora_config = config
         self.modules_to_save = to_save

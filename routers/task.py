@@ -87,5 +87,9 @@ class TaskRouter(nn.Module):
             raise ValueError(f"`task` must be in [0, num_tasks={self.num_tasks}), got {task}")
         return route_topk(self.table[int(task)].float()[None], self.top_k, self.normalize_top_k).weights[0]
 
+    def table_weights(self) -> torch.Tensor:
+        """(num_tasks, N) float32 gates of every task at once (with the table's graph, no sync)."""
+        return route_topk(self.table.float(), self.top_k, self.normalize_top_k).weights
+
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, num_experts={self.num_experts}, top_k={self.top_k}"

@@ -24,6 +24,9 @@ ROUTERS = {
     "topp_cap": dict(router="topp", top_p=0.7, top_k=2),
     "topk2_block": dict(router="topk", top_k=2, router_sharing="block"),
     "task_block": dict(router="task", num_tasks=3, router_sharing="block"),
+    "task_dora": dict(router="task", num_tasks=3, top_k=2, use_dora=True),
+    "task_pissa": dict(router="task", num_tasks=3, init_lora_weights="pissa"),
+    "soft_pissa": dict(router="soft", init_lora_weights="pissa"),
 }
 # A cross that runs every router and every path (explain costs ~3 s per model); "auto" runs
 # with one thread and enough tokens that it picks a sparse path (grouped) rather than dense.
@@ -40,6 +43,9 @@ CROSS = [
     ("topp_cap", "hybrid"),
     ("topk2_block", "grouped"),
     ("task_block", "dense"),
+    ("task_dora", "hybrid"),
+    ("task_pissa", "dense"),
+    ("soft_pissa", "grouped"),
 ]
 
 

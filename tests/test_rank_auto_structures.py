@@ -62,7 +62,7 @@ def test_vllm_auto_caps_candidates_at_512(monkeypatch):
     layers = model.molora_layers()
     gates = {n: torch.full((4,), 0.25) for n in layers}
     spectrum = torch.linspace(1.0, 1e-3, 600, dtype=torch.float64)  # (600,) descending
-    monkeypatch.setattr(rank, "_spectra", lambda layers, gates: {n: spectrum for n in layers})
+    monkeypatch.setattr(rank, "_spectra", lambda layers, gates, task=None: {n: spectrum for n in layers})
     monkeypatch.setattr(rank, "cat_rank", lambda layer, gates: 16 * 64, raising=False)
     method, k, auto = rank.choose_rank(layers, gates, tolerance=0.5, target="vllm")
     assert (method, k) == ("svd", auto["rank"]) and auto["rank"] <= 512

@@ -90,6 +90,17 @@ class MoLoRAConfig:
             The four patterns (see :mod:`molora.core.patterns`) are saved with the adapter, the
             per-layer N and r are recorded in its metadata, and exports handle them (per-module
             ranks go through PEFT's ``rank_pattern``).
+        use_dora: DoRA experts (Liu et al. 2024, arXiv 2402.09353; DESIGN §5), task router only:
+            y = m * (W0 + dW_t) x / ||W0 + dW_t||_c + b with dW_t = s * sum_i g_{t,i} B_i A_i, the
+            row norm detached as in PEFT, one magnitude ``lora_magnitude`` (out,) per layer
+            initialized to W0's row norms (:mod:`molora.core.dora`). Token routers refuse it:
+            their norm would be one matrix per token.
+        init_lora_weights: ``True`` (default: Kaiming A, zero B), ``"pissa"`` (the N experts take
+            distinct r-wide segments of W0's top N*r singular components, full SVD) or
+            ``"pissa_niter_K"`` (the same from a randomized SVD with K subspace iterations, for
+            large layers, as PEFT). The base weights are never changed: the start's offset
+            is subtracted as a frozen residual term (:mod:`molora.core.init`), saved with the
+            adapter, so adapters and exports apply to the original base.
     """
 
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -119,6 +130,8 @@ class MoLoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     num_experts_pattern: dict[str, int] = field(default_factory=dict)
     top_k_pattern: dict[str, int] = field(default_factory=dict)
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -319,7 +332,7 @@ def _check_tasks(c: MoLoRAConfig) -> list[str]:
 def _check_options(c: MoLoRAConfig) -> list[str]:
     return [
         f"`{name}` must be True or False, got {getattr(c, name)!r} ({type(getattr(c, name)).__name__})"
-        for name in ("use_rslora", "debug", "share_lora_A")
+        for name in ("use_rslora", "debug", "share_lora_A", "use_dora")
         if not isinstance(getattr(c, name), bool)
     ]
 
@@ -328,7 +341,36 @@ def _check_structure(c: MoLoRAConfig) -> list[str]:
     errors = []
     if not (_is_int(c.num_shared_experts) and c.num_shared_experts >= 0):
         errors.append(f"`num_shared_experts` must be an int >= 0, got {c.num_shared_experts!r}")
-    return errors + check_patterns(c)
+    return errors + check_patterns(c) + _check_variants(c)
+
+
+def _check_variants(c: MoLoRAConfig) -> list[str]:
+    """DoRA (task router only) and the PiSSA init (no shared A; not with DoRA)."""
+    errors = []
+    if c.use_dora is True and c.router != "task":
+        errors.append(
+            f"`use_dora=True` needs router='task', got router={c.router!r}: DoRA divides by the row norm of "
+            "W0 + dW, and with a token router dW depends on each token's gates (one norm matrix per token); "
+            "the task router has one dW per task. Use router='task' (with num_tasks), or use_dora=False"
+        )
+    init = c.init_lora_weights
+    if not (init is True or init == "pissa" or pissa_niter(init) is not None):
+        errors.append(f"`init_lora_weights` must be True, 'pissa' or 'pissa_niter_K' (K an int >= 1), got {init!r}")
+    elif init is not True:
+        if c.share_lora_A:
+            errors.append(
+                f"`init_lora_weights`={init!r} needs one A per expert (each takes its own singular "
+                "components), got share_lora_A=True"
+            )
+        if c.use_dora is True:
+            errors.append(f"`init_lora_weights`={init!r} cannot be combined with use_dora=True (not supported)")
+    return errors
+
+
+def pissa_niter(init: Any) -> int | None:
+    """K of ``init_lora_weights="pissa_niter_K"`` (None for any other value; 0 is not allowed)."""
+    match = re.fullmatch(r"pissa_niter_([0-9]+)", init) if isinstance(init, str) else None
+    return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
 
 
 def task_folder_name(name: str) -> str:

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from molora.core.config import lora_scaling
+from molora.core.dora import dora_output, init_magnitude
 from molora.core.experts import dense_up, resolve_impl
 from molora.core.fused import fused_route
+from molora.core.init import pissa_residual
 from molora.core.routing import BlockRouting, RoutingContext
 from molora.core.shared import shared_experts
 from routers import RouterOutput, fill_padding
@@ -51,6 +53,9 @@ class MoLoRALinear(nn.Module):
         router: a ``routers`` module returning a RouterOutput.
         scaling: s = lora_alpha / r (or / sqrt(r) with rsLoRA).
         last_routing: RouterOutput of the latest forward (None before the first).
+        lora_magnitude: (out,) DoRA's magnitude m, only with ``use_dora`` (:mod:`molora.core.dora`).
+        pissa_A, pissa_B, pissa_gates: buffers (N, r, in), (N, out, r), (R, N) of the frozen
+            PiSSA residual term, only with ``pissa`` (:mod:`molora.core.init`).
 
     Args:
         base_layer: nn.Linear or transformers Conv1D.
@@ -70,6 +75,9 @@ class MoLoRALinear(nn.Module):
         owns_router: whether this layer routes (and registers ``router`` as its submodule); a
             block's other layers keep a plain reference to the owner's router and reuse the
             routing the owner stored in ``routing_block`` during the same forward.
+        use_dora: DoRA experts (task router only): y = m * (W0 + dW_t) x / ||W0 + dW_t|| + b.
+        pissa: allocate the PiSSA residual buffers (filled by ``molora.core.init.init_pissa_``
+            or by loading an adapter); the layer then subtracts s * sum_i gbar_i B0_i A0_i x.
     """
 
     def __init__(
@@ -89,6 +97,8 @@ class MoLoRALinear(nn.Module):
         num_shared_experts: int = 0,
         routing_block: BlockRouting | None = None,
         owns_router: bool = True,
+        use_dora: bool = False,
+        pissa: bool = False,
     ):
         super().__init__()
         if not owns_router and routing_block is None:
@@ -130,6 +140,24 @@ class MoLoRALinear(nn.Module):
             self.lora_B_shared = nn.Parameter(torch.zeros(m, out_features, r, device=device, dtype=dtype))
         self.reset_lora_parameters()
         self.router.to(device)
+        self.use_dora = bool(use_dora)
+        if use_dora:
+            if not hasattr(self.router, "table_weights"):
+                raise ValueError(
+                    f"`use_dora=True` needs the task router (one norm per task), got {type(self.router).__name__}: "
+                    "with token routing the norm of W0 + dW would differ per token; use router='task'"
+                )
+            self.lora_magnitude = nn.Parameter(init_magnitude(self).to(dtype))  # (out,)
+        if not pissa:
+            self.pissa_A = self.pissa_B = self.pissa_gates = None
+        else:
+            if share_lora_A:
+                raise ValueError("PiSSA init needs one A per expert, got share_lora_A=True")
+            num_rows = getattr(self.router, "num_tasks", 1)  # gbar per task (task router) or one row
+            zeros = dict(device=device, dtype=dtype)
+            self.register_buffer("pissa_A", torch.zeros(num_experts, r, in_features, **zeros))
+            self.register_buffer("pissa_B", torch.zeros(num_experts, out_features, r, **zeros))
+            self.register_buffer("pissa_gates", torch.zeros(num_rows, num_experts, **zeros))
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
@@ -185,7 +213,12 @@ class MoLoRALinear(nn.Module):
         if self.num_shared_experts:
             shared_A, shared_B = self.lora_A_shared.to(compute_dtype), self.lora_B_shared.to(compute_dtype)
             delta = delta + shared_experts(dropped, shared_A, shared_B, self.scaling)  # (T, out)
-        return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
+        if self.pissa_B is not None:  # the frozen residual, on the clean input (it stands for W0's part)
+            delta = delta - pissa_residual(self, tokens.to(compute_dtype), self.token_task_ids(x))  # (T, out)
+        delta = delta.view(*x.shape[:-1], self.out_features)
+        if self.use_dora:
+            return dora_output(self, result, delta, self.routing_context.task_ids)
+        return result + delta.to(result.dtype)
 
     def _route(self, tokens: torch.Tensor, x: torch.Tensor) -> RouterOutput:
         """This layer's routing: its router's, or (block sharing) the owner's of this forward."""

@@ -54,7 +54,9 @@ def get_optimizer_param_groups(
     - ``"lora_B"``: the experts' B (shared experts' too) at ``loraplus_lr_ratio * lr``
       (LoRA+, Hayou et al. 2024);
     - ``"router"``: every router parameter at ``router_lr_ratio * lr``, without weight decay
-      (decay would pull the logits back to uniform routing).
+      (decay would pull the logits back to uniform routing);
+    - ``"magnitude"``: DoRA's magnitudes (``use_dora``) at ``lr``, without weight decay (decay
+      would pull m, which starts at ||W0||, toward 0).
 
     Only parameters with ``requires_grad`` are grouped (frozen experts are left out).
 
@@ -62,7 +64,7 @@ def get_optimizer_param_groups(
         model: a ``MoLoRAModel``, or any module that holds one (a classifier around it).
         lr: the experts' learning rate.
         router_lr_ratio: router lr = ratio * lr. ``None``: the default of the model's router
-            kind (:data:`molora.core.recipes.ROUTER_LR_RATIO`: task 20, soft/topk/topp 5).
+            kind (:data:`molora.core.recipes.ROUTER_LR_RATIO`: task 20, soft 5, topk/topp 1).
         router_lr: an absolute router lr; when given it wins over ``router_lr_ratio``.
         loraplus_lr_ratio: B's lr = ratio * lr (``None``: 1, plain LoRA).
         weight_decay: AdamW weight decay of the non-router groups.
@@ -80,7 +82,7 @@ def get_optimizer_param_groups(
     _check_positive("loraplus_lr_ratio", loraplus_lr_ratio)
     if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"`weight_decay` must be a finite number >= 0, got {weight_decay!r}")
-    groups: dict[str, list[nn.Parameter]] = {"base": [], "lora_B": [], "router": []}
+    groups: dict[str, list[nn.Parameter]] = {"base": [], "lora_B": [], "router": [], "magnitude": []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -88,6 +90,8 @@ def get_optimizer_param_groups(
             groups["router"].append(param)
         elif name.endswith(("lora_B", "lora_B_shared")):  # LoRA+ applies to every B factor
             groups["lora_B"].append(param)
+        elif name.endswith("lora_magnitude"):
+            groups["magnitude"].append(param)
         else:
             groups["base"].append(param)
     if router_lr is None and groups["router"]:
@@ -97,6 +101,7 @@ def get_optimizer_param_groups(
         "base": (lr, weight_decay),
         "lora_B": (lr * (loraplus_lr_ratio or 1.0), weight_decay),
         "router": (router_lr, 0.0),
+        "magnitude": (lr, 0.0),
     }
     return [
         {"name": key, "params": params, "lr": settings[key][0], "weight_decay": settings[key][1]}

@@ -120,15 +120,22 @@ __all__ = [
 
 
 def _layer_factors(
-    layers: Mapping[str, nn.Module], gates: Gates, *, method: str, rank: int | None, progress: bool, desc: str
+    layers: Mapping[str, nn.Module],
+    gates: Gates,
+    *,
+    method: str,
+    rank: int | None,
+    progress: bool,
+    desc: str,
+    task: int | None = None,
 ) -> dict[str, MergedFactors]:
-    """{layer: its merged factors} (float32), computed layer by layer."""
+    """{layer: its merged factors} (float32), computed layer by layer (PiSSA's residual of ``task``)."""
     from tqdm.auto import tqdm
 
     out = {}
     for name, layer in tqdm(layers.items(), desc=desc, disable=not progress, unit="layer"):
         with torch.no_grad():
-            out[name] = merge_layer(layer, gates[name], method=method, rank=rank)  # shared experts included
+            out[name] = merge_layer(layer, gates[name], method=method, rank=rank, task=task)  # shared experts included
     return out
 
 
@@ -147,6 +154,11 @@ def _check_target(model: nn.Module, target: str) -> None:
     if target not in TARGETS:
         raise ValueError(f"`target` must be one of {list(TARGETS)}, got {target!r}")
     to_save = list(getattr(model, "modules_to_save", None) or [])
+    if target == "vllm" and getattr(getattr(model, "molora_config", None), "use_dora", False):
+        raise ValueError(
+            "target='vllm': the model uses DoRA (use_dora=True), and vLLM does not serve DoRA adapters; "
+            "export with target='peft' (PEFT loads DoRA), or merge it into the base with merge_and_unload(task=...)"
+        )
     if target == "vllm" and to_save:
         raise ValueError(
             f"target='vllm': the model trains modules_to_save={to_save}, which vLLM's LoRA loader refuses "
@@ -177,9 +189,10 @@ def _export_one(
     desc = folder or "export"
     layers = _molora_layers(model)
     method, rank, target, auto = opts["method"], opts["rank"], opts["target"], None
+    tid = _fidelity_task(model, task)  # PiSSA's residual of a task router is this task's
     if rank == "auto":
-        method, rank, auto = choose_rank(layers, gates, tolerance=opts["tolerance"], target=target)
-    factors = _layer_factors(layers, gates, method=method, rank=rank, progress=opts["progress"], desc=desc)
+        method, rank, auto = choose_rank(layers, gates, tolerance=opts["tolerance"], target=target, task=tid)
+    factors = _layer_factors(layers, gates, method=method, rank=rank, progress=opts["progress"], desc=desc, task=tid)
     serve_rank = None
     if target == "vllm":  # one rank from vLLM's set on every module: zero-pad up
         serve_rank = vllm_rank(max(1, max(f.lora_A.shape[0] for f in factors.values())))
@@ -188,7 +201,8 @@ def _export_one(
         name: {"rank": f.lora_A.shape[0], "rel_error": f.rel_error, "weights": gates[name].tolist()}
         for name, f in factors.items()
     }
-    kept = {n: f for n, f in factors.items() if f.lora_A.shape[0]}  # dW = 0: the module is left out
+    dora = {n for n, layer in layers.items() if getattr(layer, "use_dora", False)}
+    kept = {n: f for n, f in factors.items() if f.lora_A.shape[0] or n in dora}  # dW = 0: left out (not DoRA)
     if not kept:
         raise ValueError("every layer's weights are all zero: the merged update is zero, nothing to export")
     tensors: dict[str, torch.Tensor] = {}
@@ -197,6 +211,10 @@ def _export_one(
         dtype, prefix = layers[name].lora_A.dtype, f"base_model.model.{name}"
         written[name] = (f.lora_A.to(dtype).cpu().contiguous(), f.lora_B.to(dtype).cpu().contiguous())
         tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = written[name]  # (k, in), (out, k)
+        if name in dora:  # PEFT's key for DoRA's magnitude (out,)
+            magnitude = layers[name].lora_magnitude.detach().to(dtype).cpu().contiguous()
+            tensors[f"{prefix}.lora_magnitude_vector"] = magnitude
+            written[name] = (*written[name], magnitude)
     base = model.base_model
     to_save = list(getattr(model, "modules_to_save", None) or [])
     for name in to_save:  # trained in place in the base model; PEFT keys them without a suffix
@@ -206,6 +224,7 @@ def _export_one(
     config = peft_adapter_config(
         base, {n: f.lora_A.shape[0] for n, f in kept.items()}, fan_in_fan_out=fan_in_fan_out, modules_to_save=to_save
     )
+    config["use_dora"] = bool(dora)
     report: dict[str, Any] = {"method": method, "rank": rank, "target": target, "layers": report_layers}
     if kind := base_quantization({n: layer.base_layer for n, layer in layers.items()}):
         report["quantized_base"] = {"kind": kind, "merge": merge_note(kind)}
@@ -370,6 +389,9 @@ def merge_and_unload(
 ) -> nn.Module:
     """Fold dW = s * sum_i w_i B_i A_i into every base weight and return the plain base model.
 
+    With DoRA each row becomes m * (W0 + dW) / ||W0 + dW||; with PiSSA init the frozen residual
+    (of ``task`` for the task router) is part of dW, so the result is relative to the original W0.
+
     The MoLoRA modules are removed (``model.unload()``); the returned model is the original
     transformers model with merged weights. ``model`` must not be used afterwards. A
     bitsandbytes 4-bit / 8-bit (QLoRA) base is dequantized first and comes back unquantized,
@@ -390,13 +412,19 @@ def merge_and_unload(
         raise ValueError("`task='all'` is for export_merged_adapter; merge_and_unload takes one task")
     _check_finite(model)
     gates = resolve_weights(model, weights, task)
+    tid = _fidelity_task(model, task)
     layers = _molora_layers(model)
     dequantize_for_merge(model.get_base_model(), {name: layer.base_layer for name, layer in layers.items()})
     for name, layer in tqdm(layers.items(), desc="merge", disable=not progress, unit="layer"):
-        f = merge_layer(layer, gates[name])  # exact ("cat"), shared experts included
-        delta = f.lora_B @ f.lora_A  # (out, in)
+        f = merge_layer(layer, gates[name], task=tid)  # exact ("cat"), shared experts and PiSSA's residual included
         weight = layer.base_layer.weight  # (out, in), or (in, out) for Conv1D
+        delta = f.lora_B @ f.lora_A  # (out, in)
         if getattr(layer, "fan_in_fan_out", False):
             delta = delta.T  # (in, out)
-        weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+        merged = weight.detach().float() + delta.to(weight.device)
+        if getattr(layer, "use_dora", False):  # DoRA: W = m * (W0 + dW) / ||W0 + dW|| per output row
+            dim = 0 if getattr(layer, "fan_in_fan_out", False) else 1
+            scale = layer.lora_magnitude.detach().float().to(weight.device) / torch.linalg.norm(merged, dim=dim)
+            merged = merged * (scale[None] if dim == 0 else scale[:, None])
+        weight.copy_(merged.to(weight.dtype))
     return model.unload()

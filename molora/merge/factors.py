@@ -255,32 +255,55 @@ def merge_factors(
     raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
 
 
-def layer_shared(layer: Any) -> Shared:
-    """A MoLoRA layer's shared experts (A_sh, B_sh), detached, or None when it has none."""
-    if not getattr(layer, "num_shared_experts", 0):
+def layer_shared(layer: Any, task: int | None = None) -> Shared:
+    """A MoLoRA layer's always-on terms (A_sh, B_sh) with weight 1, detached, or None: its shared
+    experts, and with PiSSA init the frozen residual -s * sum_i gbar_i B0_i A0_i (experts with
+    gbar_i = 0 left out; gbar of ``task`` for the task router, see :mod:`molora.core.init`).
+
+    Raises:
+        ValueError: a PiSSA task-router layer without ``task`` (its residual is per task).
+    """
+    parts = []
+    if getattr(layer, "num_shared_experts", 0):
+        parts.append((layer.lora_A_shared.detach(), layer.lora_B_shared.detach()))
+    if getattr(layer, "pissa_B", None) is not None:
+        gates = layer.pissa_gates
+        if gates.shape[0] > 1 and task is None:
+            raise ValueError(
+                "a PiSSA-initialized task-router model merges per task (each task has its own frozen residual): "
+                "pass task=<id or name> (or task='all' to export every task)"
+            )
+        gbar = gates[0 if gates.shape[0] == 1 else int(task)].float()  # (N,)
+        keep = (gbar != 0).nonzero().flatten()
+        parts.append((layer.pissa_A.detach()[keep], -layer.pissa_B.detach()[keep] * gbar[keep, None, None]))
+    if not parts:
         return None
-    return layer.lora_A_shared.detach(), layer.lora_B_shared.detach()
+    return torch.cat([a.float() for a, _ in parts]), torch.cat([b.float() for _, b in parts])
 
 
 def merge_layer(
-    layer: Any, weights: torch.Tensor, *, method: str = "cat", rank: int | None = None
+    layer: Any, weights: torch.Tensor, *, method: str = "cat", rank: int | None = None, task: int | None = None
 ) -> MergedFactors:
-    """:func:`merge_factors` of a MoLoRA layer: its experts, shared A and shared experts, its scaling."""
+    """:func:`merge_factors` of a MoLoRA layer: its experts, shared A and shared experts, PiSSA's
+    residual (of ``task`` for the task router), its scaling."""
     return merge_factors(
         layer.lora_A.detach(), layer.lora_B.detach(), weights, float(layer.scaling),
-        method=method, rank=rank, shared=layer_shared(layer),
+        method=method, rank=rank, shared=layer_shared(layer, task),
     )  # fmt: skip
 
 
 def exact_rank(layer: Any) -> int:
-    """The rank of a layer's exact ("cat") merge at most: N*r (r with a shared A) + M*r, capped by in, out."""
+    """The rank of a layer's exact ("cat") merge at most: N*r (r with a shared A) + M*r (+ N*r of
+    PiSSA's residual), capped by in, out."""
     routed = layer.r if shares_A(layer.lora_A, layer.lora_B) else layer.num_experts * layer.r
     total = routed + getattr(layer, "num_shared_experts", 0) * layer.r
+    if getattr(layer, "pissa_B", None) is not None:
+        total += layer.num_experts * layer.r
     return min(total, layer.in_features, layer.out_features)
 
 
-def layer_singular_values(layer: Any, weights: torch.Tensor) -> torch.Tensor:
-    """:func:`singular_values` of a MoLoRA layer's merge (its shared A and shared experts included)."""
+def layer_singular_values(layer: Any, weights: torch.Tensor, task: int | None = None) -> torch.Tensor:
+    """:func:`singular_values` of a MoLoRA layer's merge (shared A, shared experts, PiSSA residual)."""
     return singular_values(
-        layer.lora_A.detach(), layer.lora_B.detach(), weights, float(layer.scaling), layer_shared(layer)
+        layer.lora_A.detach(), layer.lora_B.detach(), weights, float(layer.scaling), layer_shared(layer, task)
     )

@@ -35,16 +35,25 @@ FIDELITY_KEYS = ("mean_kl", "max_abs_logit_diff", "loss_routed", "loss_exported"
 
 @contextmanager
 def static_adapter(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
-    """Run ``model`` as its base plus the LoRA ``factors`` {layer: (A (k, in), B (out, k))}.
+    """Run ``model`` as its base plus the LoRA ``factors`` {layer: (A (k, in), B (out, k))}, or
+    {layer: (A, B, m (out,))} for a DoRA adapter (PEFT's DoRA forward).
 
     Layers without factors (an all-zero merge, left out of the adapter) run the base only.
     """
     layers = model.molora_layers()
     hooks, tracked = [], getattr(model, "track_routing_stats", False)
 
-    def add_update(layer, args, output, A, B):
+    def add_update(layer, args, output, A, B, magnitude=None):
         x = args[0]  # (..., in)
         delta = (x.to(A.dtype) @ A.T) @ B.T  # (..., out)
+        if magnitude is not None:  # PEFT's DoRA: m / ||W0 + B A|| * (W0 x + B A x) + b, norm per output row
+            weight = layer.base_layer.weight.detach().float()
+            weight = weight.T if layer.fan_in_fan_out else weight  # (out, in)
+            scale = magnitude.float() / torch.linalg.norm(weight + B.float() @ A.float(), dim=1)  # (out,)
+            bias = layer.base_layer.bias
+            base = output if bias is None else output - bias
+            out = scale.to(output.dtype) * (base + delta.to(output.dtype))
+            return out if bias is None else out + bias
         return output + delta.to(output.dtype)
 
     try:
@@ -52,8 +61,9 @@ def static_adapter(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, t
         for name, layer in layers.items():
             layer.disabled = True
             if name in factors:
-                A, B = (t.to(layer.base_layer.weight.device) for t in factors[name])
-                hooks.append(layer.register_forward_hook(lambda m, a, o, A=A, B=B: add_update(m, a, o, A, B)))
+                A, B, *mag = (t.to(layer.base_layer.weight.device) for t in factors[name])  # mag: DoRA's m
+                mag = mag[0] if mag else None
+                hooks.append(layer.register_forward_hook(lambda m, a, o, A=A, B=B, g=mag: add_update(m, a, o, A, B, g)))
         yield model
     finally:
         for hook in hooks:

@@ -316,6 +316,12 @@ def _check_structure(config: Any) -> None:
             "`share_lora_A=True` cannot be built from LoRA adapters: each adapter has its own A, and the shared-A "
             "form has one A for all experts; use share_lora_A=False (the default) with from_lora_adapters"
         )
+    init = getattr(config, "init_lora_weights", True)
+    if init is not True:
+        raise ValueError(
+            f"`init_lora_weights`={init!r} cannot be used with from_lora_adapters: the adapters are the experts' "
+            "initial weights (PiSSA would replace them); use init_lora_weights=True"
+        )
     if getattr(config, "num_experts_pattern", None):
         raise ValueError(
             f"`num_experts_pattern`={config.num_experts_pattern!r} cannot be used with from_lora_adapters: every "

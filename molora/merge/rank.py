@@ -24,12 +24,14 @@ from molora.merge.vllm import VLLM_RANKS, vllm_rank
 __all__ = ["cat_rank", "choose_rank", "format_rank_table"]
 
 
-def _spectra(layers: Mapping[str, Any], gates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _spectra(
+    layers: Mapping[str, Any], gates: Mapping[str, torch.Tensor], task: int | None = None
+) -> dict[str, torch.Tensor]:
     """{layer: (m,) singular values of its dW} and the exact "cat" rank of each layer."""
     out = {}
     with torch.no_grad():
         for name, layer in layers.items():
-            out[name] = layer_singular_values(layer, gates[name])
+            out[name] = layer_singular_values(layer, gates[name], task)
     return out
 
 
@@ -42,6 +44,14 @@ def cat_rank(layer: Any, gates: torch.Tensor) -> int:
     return routed + getattr(layer, "num_shared_experts", 0) * layer.r
 
 
+def _residual_rows(layer: Any, task: int | None) -> int:
+    """Rows PiSSA's frozen residual adds to a layer's "cat" merge (0 without PiSSA)."""
+    if getattr(layer, "pissa_B", None) is None:
+        return 0
+    gates = layer.pissa_gates[0 if layer.pissa_gates.shape[0] == 1 or task is None else int(task)]
+    return int((gates != 0).sum()) * layer.r
+
+
 def _row(spectra: Mapping[str, torch.Tensor], rank: int) -> dict[str, Any]:
     errors = {name: truncation_error(s, rank) for name, s in spectra.items()}
     worst = max(errors, key=errors.get)
@@ -49,7 +59,12 @@ def _row(spectra: Mapping[str, torch.Tensor], rank: int) -> dict[str, Any]:
 
 
 def choose_rank(
-    layers: Mapping[str, Any], gates: Mapping[str, torch.Tensor], *, tolerance: float, target: str
+    layers: Mapping[str, Any],
+    gates: Mapping[str, torch.Tensor],
+    *,
+    tolerance: float,
+    target: str,
+    task: int | None = None,
 ) -> tuple[str, int | None, dict[str, Any]]:
     """The method and rank of a ``rank="auto"`` export, and its rank-versus-error table.
 
@@ -58,6 +73,7 @@ def choose_rank(
         gates: ``{name: (N,)}`` static gates.
         tolerance: the largest relative Frobenius error allowed on any layer, >= 0.
         target: ``"peft"`` (any rank) or ``"vllm"`` (a rank of :data:`VLLM_RANKS`).
+        task: the task whose PiSSA residual a task-router merge includes (None: no task).
 
     Returns:
         ``(method, rank, auto)``: ``("cat", None, ...)`` or ``("svd", k, ...)``; ``auto`` is
@@ -72,8 +88,8 @@ def choose_rank(
     """
     if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < float("inf")):
         raise ValueError(f"`tolerance` must be a finite number >= 0, got {tolerance!r}")
-    spectra = _spectra(layers, gates)
-    cat = max(cat_rank(layers[name], gates[name]) for name in layers)
+    spectra = _spectra(layers, gates, task)
+    cat = max(cat_rank(layer, gates[n]) + _residual_rows(layer, task) for n, layer in layers.items())
     exact = max(1, max(s.numel() for s in spectra.values()))  # rank at which every layer is exact
     if target == "vllm":
         return _choose_vllm(spectra, cat, exact, tolerance)
