@@ -75,6 +75,7 @@ from molora.merge.factors import (
     pad_factors,
     svd_factors,
 )
+from molora.merge.distill import DistillConfig, distilled_layer_factors
 from molora.merge.fidelity import measure_fidelity
 from molora.merge.gates import (
     Gates,
@@ -100,6 +101,7 @@ from molora.merge.rank import choose_rank
 from molora.merge.vllm import check_vllm_config, serve_command, vllm_rank
 
 TARGETS = ("peft", "vllm")
+EXPORT_METHODS = (*METHODS, "distill")
 
 __all__ = [
     "MergedFactors",
@@ -165,9 +167,18 @@ def _export_one(
     desc = folder or "export"
     layers = _molora_layers(model)
     method, rank, target, auto = opts["method"], opts["rank"], opts["target"], None
-    if rank == "auto":
-        method, rank, auto = choose_rank(layers, gates, tolerance=opts["tolerance"], target=target)
-    factors = _layer_factors(layers, gates, method=method, rank=rank, progress=opts["progress"], desc=desc)
+    static, distill_report = None, None
+    if method == "distill":
+        rank = rank or _expert_rank(layers)
+        rank = vllm_rank(rank) if target == "vllm" else rank  # distill at the served rank: no dead padding
+        factors, static, distill_report = distilled_layer_factors(
+            model, layers, gates, rank=rank, batches=opts["distill_batches"], task=_fidelity_task(model, task),
+            config=opts["distill_config"], progress=opts["progress"], desc=f"distill {desc}",
+        )  # fmt: skip
+    else:
+        if rank == "auto":
+            method, rank, auto = choose_rank(layers, gates, tolerance=opts["tolerance"], target=target)
+        factors = _layer_factors(layers, gates, method=method, rank=rank, progress=opts["progress"], desc=desc)
     serve_rank = None
     if target == "vllm":  # one rank from vLLM's set on every module: zero-pad up
         serve_rank = vllm_rank(max(1, max(f.lora_A.shape[0] for f in factors.values())))
@@ -208,13 +219,25 @@ def _export_one(
             serve_rank,
             report["base_model"],
         )
+    if distill_report is not None:
+        report["distill"] = distill_report
     if opts["eval_batches"] is not None:
         report["fidelity"] = measure_fidelity(
             model, written, opts["eval_batches"], task=_fidelity_task(model, task), task_names=_task_names(model)
         )
+        if static is not None:  # the SVD static merge at the same rank, for comparison
+            start = {n: (f.lora_A, f.lora_B) for n, f in static.items() if f.lora_A.shape[0]}
+            report["fidelity_static"] = measure_fidelity(
+                model, start, opts["eval_batches"], task=_fidelity_task(model, task), task_names=_task_names(model)
+            )
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return report
+
+
+def _expert_rank(layers: Mapping[str, nn.Module]) -> int:
+    """The default export rank: the largest expert rank r of any layer."""
+    return max(int(layer.r) for layer in layers.values())
 
 
 def _check_svd_rank(model: nn.Module, rank: Any) -> None:
@@ -281,6 +304,8 @@ def export_merged_adapter(
     target: str = "peft",
     eval_batches: Iterable[Mapping[str, Any]] | None = None,
     progress: bool = False,
+    distill_batches: Iterable[Mapping[str, Any]] | None = None,
+    distill_config: DistillConfig | None = None,
 ) -> dict[str, Any]:
     """Write the static merge s * sum_i w_i B_i A_i of every layer as a PEFT LoRA adapter.
 
@@ -295,7 +320,9 @@ def export_merged_adapter(
             from ``config.task_names`` when set, else ``task_<id>``) and a combined report.
         weights: see :func:`resolve_weights`.
         task: a task id or name, ``"all"``, or ``None``.
-        method: ``"cat"`` (exact) or ``"svd"`` (best rank-``rank`` approximation).
+        method: ``"cat"`` (exact), ``"svd"`` (best rank-``rank`` approximation of the static
+            merge) or ``"distill"``: a rank-``rank`` LoRA trained, from that SVD, to match the
+            routed model's outputs on ``distill_batches`` (:mod:`molora.merge.distill`).
         rank: target rank for ``"svd"`` (default the model's expert rank r), or ``"auto"``:
             the smallest rank within ``tolerance`` (see :mod:`molora.merge.rank`).
         tolerance: with ``rank="auto"``, the largest relative Frobenius error allowed on any layer.
@@ -303,25 +330,24 @@ def export_merged_adapter(
             {8, 16, 32, 64, 128, 256, 320, 512} on every module, no modules_to_save).
         eval_batches: model input dicts (a list: it is read once per exported task) on which
             the routed model is compared with the exported adapter (report ``"fidelity"``).
-        progress: show a tqdm bar over layers.
+        progress: show a tqdm bar over layers (over steps for ``"distill"``).
+        distill_batches: ``method="distill"`` only: the model input dicts (training data, not
+            ``eval_batches``) that the student is trained on; the last tenth is held out for
+            early stopping.
+        distill_config: ``method="distill"`` only: steps, lr, patience... (defaults when None).
 
     Returns:
         The report: ``{"method", "rank", "target", "layers": {name: {"rank", "rel_error",
         "weights"}}, "task"}``, plus ``"auto"``, ``"max_lora_rank"`` and ``"serve"``
-        (vLLM), ``"fidelity"`` where they apply; with ``task="all"``, ``{folder_name: report}``.
+        (vLLM), ``"fidelity"`` where they apply; ``"distill"`` (its steps and held-out KL) and
+        ``"fidelity_static"`` (the SVD static merge at the same rank) for ``"distill"``; with ``task="all"``, ``{folder_name: report}``.
 
     Raises:
         ValueError: bad ``method``/``rank``/``weights``/``task``/``target``, an all-zero merge,
             or ``target="vllm"`` with modules_to_save.
         FileExistsError: ``path`` is a non-empty folder that is not a previous export.
     """
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
-    if method == "cat" and rank is not None and rank != "auto":
-        raise ValueError(f"`rank` applies to method='svd' only (cat is exact), got rank={rank}")
-    if isinstance(rank, str) and rank != "auto":
-        raise ValueError(f"`rank` must be an int, 'auto' or None, got {rank!r}")
-    _check_svd_rank(model, rank)
+    _check_method_and_rank(model, method, rank, distill_batches)
     _check_target(model, target)
     batches = list(eval_batches) if eval_batches is not None else None
     path = Path(path)
@@ -333,6 +359,8 @@ def export_merged_adapter(
         "eval_batches": batches,
         "progress": progress,
         "path": path,
+        "distill_batches": list(distill_batches) if distill_batches is not None else None,
+        "distill_config": distill_config,
     }
     if task == "all":
         return _export_all_tasks(model, path, weights, opts)
@@ -341,6 +369,31 @@ def export_merged_adapter(
         report = {**_export_one(model, tmp, gates, opts, task=task), "task": task}
         (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _check_method_and_rank(model: nn.Module, method: Any, rank: Any, distill_batches: Any) -> None:
+    if method not in EXPORT_METHODS:
+        raise ValueError(f"`method` must be one of {sorted(EXPORT_METHODS)}, got {method!r}")
+    if method == "distill":  # a distilled LoRA may use a rank above the static merge's exact one
+        _check_distill(rank, distill_batches)
+        return
+    if method == "cat" and rank is not None and rank != "auto":
+        raise ValueError(f"`rank` applies to method='svd' only (cat is exact), got rank={rank}")
+    if isinstance(rank, str) and rank != "auto":
+        raise ValueError(f"`rank` must be an int, 'auto' or None, got {rank!r}")
+    _check_svd_rank(model, rank)
+
+
+def _check_distill(rank: Any, batches: Any) -> None:
+    if rank == "auto":
+        raise ValueError("`rank='auto'` picks a static merge within a tolerance; method='distill' takes an int rank")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ValueError(f"`rank` must be an int >= 1 for method='distill', got {rank!r}")
+    if batches is None:
+        raise ValueError(
+            "method='distill' needs `distill_batches`: model input dicts (the training data) to match the routed "
+            "model on; `molora export RUN --method distill` reads them from the run"
+        )
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import importlib
 BENCHMARKS = {
     "layer": "one linear layer fwd+bwd: frozen base, PEFT LoRA and every molora expert path",
     "train": "training steps of a Llama-shaped model: PEFT LoRA, molora routers, mixlora",
+    "distill": "the routed top-k model vs its SVD static merge vs its distilled LoRA (fidelity, accuracy)",
     "gpu": "the GPU check: pytest -m gpu, layer and training benchmarks in bf16 -> benchmarks/RESULTS-gpu.md",
 }
 
