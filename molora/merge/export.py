@@ -64,24 +64,28 @@ from safetensors.torch import save_file
 from torch import nn
 
 from molora.core.config import task_folder_name
-from molora.io import non_finite_layers
 from molora.merge.factors import (
-    METHODS,
     MergedFactors,
     cat_factors,
     dense_delta,
-    exact_rank,
     merge_factors,
     merge_layer,
     pad_factors,
     svd_factors,
+)
+from molora.merge.distill import DistillConfig, distilled_layer_factors
+from molora.merge.export_checks import (
+    _check_finite,
+    _check_method_and_rank,
+    _check_target,
+    _expert_rank,
+    _fidelity_task,
 )
 from molora.merge.fidelity import measure_fidelity
 from molora.merge.gates import (
     Gates,
     _is_by_task,
     _molora_layers,
-    _task_index,
     _task_names,
     gates_from_json,
     load_gates,
@@ -99,8 +103,6 @@ from molora.merge.peft_format import (
 from molora.merge.quantized import base_quantization, dequantize_for_merge, merge_note
 from molora.merge.rank import choose_rank
 from molora.merge.vllm import check_vllm_config, serve_command, vllm_rank
-
-TARGETS = ("peft", "vllm")
 
 __all__ = [
     "MergedFactors",
@@ -139,42 +141,25 @@ def _layer_factors(
     return out
 
 
-def _check_finite(model: nn.Module) -> None:
-    """Refuse a model with NaN or inf adapter weights (a diverged run): the merge would be NaN."""
-    bad = non_finite_layers(model)
-    if bad:
-        raise ValueError(
-            f"the MoLoRA model has NaN or inf weights in layer {bad[0]!r}"
-            f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: nothing was exported; "
-            "use an adapter from before the training diverged (an earlier checkpoint)"
-        )
-
-
-def _check_target(model: nn.Module, target: str) -> None:
-    if target not in TARGETS:
-        raise ValueError(f"`target` must be one of {list(TARGETS)}, got {target!r}")
-    to_save = list(getattr(model, "modules_to_save", None) or [])
-    if target == "vllm" and getattr(getattr(model, "molora_config", None), "use_dora", False):
-        raise ValueError(
-            "target='vllm': the model uses DoRA (use_dora=True), and vLLM does not serve DoRA adapters; "
-            "export with target='peft' (PEFT loads DoRA), or merge it into the base with merge_and_unload(task=...)"
-        )
-    if target == "vllm" and to_save:
-        raise ValueError(
-            f"target='vllm': the model trains modules_to_save={to_save}, which vLLM's LoRA loader refuses "
-            "(its adapters hold LoRA factors only); export with target='peft', or train without modules_to_save"
-        )
-
-
-def _fidelity_task(model: nn.Module, task: Any) -> int | None:
-    """The task id whose rows a per-task export is measured on (None: all rows; a by-task
-    gates key that names no task of the model cannot be matched to rows)."""
-    if task is None:
-        return None
-    try:
-        return _task_index(model, task)
-    except ValueError:
-        return None
+def _compute_factors(
+    model: nn.Module, layers: Mapping[str, nn.Module], gates: Gates, opts: dict[str, Any], tid: int | None, folder
+) -> tuple:
+    """``(method, rank, auto, factors, static, distill_report)`` of one export: the static merge
+    (``cat``/``svd``, ``rank="auto"`` resolved), or the distilled LoRA with its SVD start."""
+    desc = folder or "export"
+    method, rank, target, auto = opts["method"], opts["rank"], opts["target"], None
+    if method == "distill":
+        rank = rank or _expert_rank(layers)
+        rank = vllm_rank(rank) if target == "vllm" else rank  # distill at the served rank: no dead padding
+        factors, static, distill_report = distilled_layer_factors(
+            model, layers, gates, rank=rank, batches=opts["distill_batches"], task=tid,
+            config=opts["distill_config"], progress=opts["progress"], desc=f"distill {desc}",
+        )  # fmt: skip
+        return method, rank, auto, factors, static, distill_report
+    if rank == "auto":
+        method, rank, auto = choose_rank(layers, gates, tolerance=opts["tolerance"], target=target, task=tid)
+    factors = _layer_factors(layers, gates, method=method, rank=rank, progress=opts["progress"], desc=desc, task=tid)
+    return method, rank, auto, factors, None, None
 
 
 def _export_one(
@@ -186,13 +171,9 @@ def _export_one(
     and the final ``path`` of the export (``path`` here is its temporary folder); ``folder``:
     the task's sub-folder with ``task="all"``.
     """
-    desc = folder or "export"
     layers = _molora_layers(model)
-    method, rank, target, auto = opts["method"], opts["rank"], opts["target"], None
-    tid = _fidelity_task(model, task)  # PiSSA's residual of a task router is this task's
-    if rank == "auto":
-        method, rank, auto = choose_rank(layers, gates, tolerance=opts["tolerance"], target=target, task=tid)
-    factors = _layer_factors(layers, gates, method=method, rank=rank, progress=opts["progress"], desc=desc, task=tid)
+    target, tid = opts["target"], _fidelity_task(model, task)  # PiSSA's residual of a task router is this task's
+    method, rank, auto, factors, static, distill_report = _compute_factors(model, layers, gates, opts, tid, folder)
     serve_rank = None
     if target == "vllm":  # one rank from vLLM's set on every module: zero-pad up
         serve_rank = vllm_rank(max(1, max(f.lora_A.shape[0] for f in factors.values())))
@@ -241,27 +222,20 @@ def _export_one(
             serve_rank,
             report["base_model"],
         )
+    if distill_report is not None:
+        report["distill"] = distill_report
     if opts["eval_batches"] is not None:
         report["fidelity"] = measure_fidelity(
-            model, written, opts["eval_batches"], task=_fidelity_task(model, task), task_names=_task_names(model)
+            model, written, opts["eval_batches"], task=tid, task_names=_task_names(model)
         )
+        if static is not None:  # the SVD static merge at the same rank, for comparison
+            start = {n: (f.lora_A, f.lora_B) for n, f in static.items() if f.lora_A.shape[0]}
+            report["fidelity_static"] = measure_fidelity(
+                model, start, opts["eval_batches"], task=tid, task_names=_task_names(model)
+            )
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return report
-
-
-def _check_svd_rank(model: nn.Module, rank: Any) -> None:
-    """An SVD rank above every layer's exact rank would only add zero padding: refuse it."""
-    if not isinstance(rank, int) or isinstance(rank, bool):
-        return
-    layers = _molora_layers(model).values()
-    exact = max(exact_rank(l) for l in layers)
-    if rank > exact:
-        raise ValueError(
-            f"`rank`={rank} is above the largest exact rank of any layer ({exact} = min(num_experts * r, in, out), "
-            "r for the experts with share_lora_A, plus M * r of M shared experts); "
-            f"an SVD export above it only adds zero padding. Use rank <= {exact}, or method='cat' (exact)."
-        )
 
 
 def _folder_name(model: nn.Module, tid: Any) -> str:
@@ -315,6 +289,8 @@ def export_merged_adapter(
     target: str = "peft",
     eval_batches: Iterable[Mapping[str, Any]] | None = None,
     progress: bool = False,
+    distill_batches: Iterable[Mapping[str, Any]] | None = None,
+    distill_config: DistillConfig | None = None,
 ) -> dict[str, Any]:
     """Write the static merge s * sum_i w_i B_i A_i of every layer as a PEFT LoRA adapter.
 
@@ -329,7 +305,9 @@ def export_merged_adapter(
             from ``config.task_names`` when set, else ``task_<id>``) and a combined report.
         weights: see :func:`resolve_weights`.
         task: a task id or name, ``"all"``, or ``None``.
-        method: ``"cat"`` (exact) or ``"svd"`` (best rank-``rank`` approximation).
+        method: ``"cat"`` (exact), ``"svd"`` (best rank-``rank`` approximation of the static
+            merge) or ``"distill"``: a rank-``rank`` LoRA trained, from that SVD, to match the
+            routed model's outputs on ``distill_batches`` (:mod:`molora.merge.distill`).
         rank: target rank for ``"svd"`` (default the model's expert rank r), or ``"auto"``:
             the smallest rank within ``tolerance`` (see :mod:`molora.merge.rank`).
         tolerance: with ``rank="auto"``, the largest relative Frobenius error allowed on any layer.
@@ -337,26 +315,26 @@ def export_merged_adapter(
             {1, 8, 16, 32, 64, 128, 256, 320, 512} on every module, no modules_to_save).
         eval_batches: model input dicts (a list: it is read once per exported task) on which
             the routed model is compared with the exported adapter (report ``"fidelity"``).
-        progress: show a tqdm bar over layers.
+        progress: show a tqdm bar over layers (over steps for ``"distill"``).
+        distill_batches: ``method="distill"`` only: the model input dicts (training data, not
+            ``eval_batches``) that the student is trained on; the last tenth is held out for
+            early stopping.
+        distill_config: ``method="distill"`` only: steps, lr, patience... (defaults when None).
 
     Returns:
         The report: ``{"method", "rank", "target", "layers": {name: {"rank", "rel_error",
         "weights"}}, "task"}``, plus ``"auto"``, ``"max_lora_rank"`` and ``"serve"``
         (vLLM), ``"fidelity"``, and ``"quantized_base"`` (a 4-bit / 8-bit base: ``{"kind",
-        "merge"}``, how to merge the adapter into weights correctly) where they apply; with ``task="all"``, ``{folder_name: report}``.
+        "merge"}``, how to merge the adapter into weights correctly) where they apply;
+        ``"distill"`` (its steps and held-out KL) and ``"fidelity_static"`` (the SVD static merge
+        at the same rank) for ``"distill"``; with ``task="all"``, ``{folder_name: report}``.
 
     Raises:
         ValueError: bad ``method``/``rank``/``weights``/``task``/``target``, an all-zero merge,
             ``target="vllm"`` with modules_to_save, or NaN/inf adapter weights (naming the layer).
         FileExistsError: ``path`` is a non-empty folder that is not a previous export.
     """
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
-    if method == "cat" and rank is not None and rank != "auto":
-        raise ValueError(f"`rank` applies to method='svd' only (cat is exact), got rank={rank}")
-    if isinstance(rank, str) and rank != "auto":
-        raise ValueError(f"`rank` must be an int, 'auto' or None, got {rank!r}")
-    _check_svd_rank(model, rank)
+    _check_method_and_rank(model, method, rank, distill_batches)
     _check_target(model, target)
     _check_finite(model)
     batches = list(eval_batches) if eval_batches is not None else None
@@ -369,6 +347,8 @@ def export_merged_adapter(
         "eval_batches": batches,
         "progress": progress,
         "path": path,
+        "distill_batches": list(distill_batches) if distill_batches is not None else None,
+        "distill_config": distill_config,
     }
     if task == "all":
         return _export_all_tasks(model, path, weights, opts)

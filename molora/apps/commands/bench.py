@@ -10,6 +10,7 @@ BENCHMARKS = {
     "train": "training steps of a Llama-shaped model: PEFT LoRA, molora routers, mixlora",
     "kernels": "--aot: every Triton launch compiled for sm_80/sm_90 (regs, smem, spills) -> benchmarks/RESULTS-gpu.md",
     "recipes": "router lr ratio x aux weight x router kind on the demo tasks and a tiny causal LM -> benchmarks/recipes.json",
+    "distill": "the routed top-k model vs its SVD static merge vs its distilled LoRA (fidelity, accuracy)",
     "gpu": "the GPU check: pytest -m gpu, layer and training benchmarks in bf16 -> benchmarks/RESULTS-gpu.md",
 }
 

@@ -40,6 +40,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from molora.apps.commands.export_distill import add_distill_args, distill_args, distill_rows
+
 GATES_FILES = ("gates.json", "gates.safetensors")
 METRICS = "metrics.jsonl"  # written by molora.training.loop; eval records hold per-task routing stats
 
@@ -65,7 +67,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="'uniform', 'measured' (gates.json / gates.safetensors beside the adapter or in the run), or a "
         "gates FILE; default: the task router's gates with --task, uniform otherwise",
     )
-    parser.add_argument("--method", choices=["cat", "svd"], default="cat", help="cat: exact; svd: best rank-R")
+    parser.add_argument(
+        "--method", choices=["cat", "svd", "distill"], default="cat",
+        help="cat: exact; svd: best rank-R static merge; distill: a rank-R LoRA trained (from the svd merge) on "
+        "the run's training data to match the routed model",
+    )  # fmt: skip
     parser.add_argument(
         "--rank", type=_rank_arg, default=None,
         help="rank for --method svd (default: the expert rank r), or 'auto': the smallest within --tolerance",
@@ -93,6 +99,7 @@ def _add_serving_args(parser: argparse.ArgumentParser) -> None:
                         help="vllm: one rank from vLLM's set on every module, checked with vLLM's loading rules")
     parser.add_argument("--fidelity-batches", type=int, default=4, metavar="N",
                         help="eval batches per task of the run to compare routed and exported models on (0: skip)")
+    add_distill_args(parser)
 
 
 def _fidelity_batches(source: Path, adapter_dir: Path, n: int) -> Any:
@@ -118,9 +125,21 @@ def print_export(report: dict[str, Any], out: Path, task: Any) -> None:
         print(format_report(rep, title=f"\n[{folder}] -> {out / folder}" if folder else None))
         if rep.get("auto"):
             print(format_rank_table(rep["auto"]))
+    if any(rep.get("distill") for rep in reports.values()):
+        for folder, rep in reports.items():
+            d = rep["distill"]
+            print(
+                f"distill{f' [{folder}]' if folder else ''}: {d['steps']} steps (best at {d['best_step']}), held-out "
+                f"{'KL' if d['objective'] == 'kl_logits' else 'MSE'} {d['holdout_start']:.3e} (svd start) -> "
+                f"{d['holdout_best']:.3e}"
+            )
     if any(rep.get("fidelity") for rep in reports.values()):
-        print("\nfidelity of the static merge (routed model vs exported adapter):")
-        print(format_fidelity_table({folder or out.name: rep for folder, rep in reports.items()}))
+        if any(rep.get("distill") for rep in reports.values()):
+            print("\nfidelity on eval data (routed model vs the svd static merge and the distilled adapter, same rank):")
+            print(format_fidelity_table(distill_rows(reports, out)))
+        else:
+            print("\nfidelity of the static merge (routed model vs exported adapter):")
+            print(format_fidelity_table({folder or out.name: rep for folder, rep in reports.items()}))
     quantized = next((rep["quantized_base"] for rep in reports.values() if rep.get("quantized_base")), None)
     if quantized:
         print(f"\nnote: {quantized['merge']}")
@@ -296,14 +315,16 @@ def format_report(report: dict[str, Any], title: str | None = None) -> str:
     for name, row in rows.items():
         lines.append(f"{name:<{width}}  {row['rank']:>5}  {row['rel_error']:>10.3e}")
     errors = [row["rel_error"] for row in rows.values()]
-    lines.append(
-        f"{len(rows)} layers, max rel. error {max(errors):.3e} (of the factorization of the static merge), "
-        f"method {report['method']}"
+    what = (
+        "the distilled update's distance to the static merge"
+        if report["method"] == "distill"
+        else "of the factorization of the static merge"
     )
+    lines.append(f"{len(rows)} layers, max rel. error {max(errors):.3e} ({what}), method {report['method']}")
     return "\n".join(lines)
 
 
-def routing_note(router: str, task: int | str | None) -> str | None:
+def routing_note(router: str, task: int | str | None, method: str = "cat") -> str | None:
     """What the error above does not cover: static gates approximate token routing.
 
     Args:
@@ -317,6 +338,11 @@ def routing_note(router: str, task: int | str | None) -> str | None:
         return None
     if router == "task":
         return "note: the task router's gates were averaged (no --task): the export matches no single task exactly"
+    if method == "distill":
+        return (
+            f"note: this model routes each token (router={router!r}); the distilled adapter was trained to match it "
+            "and approximates it as the fidelity table shows (eval data it did not train on)"
+        )
     return (
         f"note: the rel. error is the factorization's (0: exact), but this model routes each token (router={router!r}): "
         "the export's static gates only approximate token routing, so its outputs differ from the routed model's; "
@@ -384,10 +410,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{adapter_dir} records no base model (base_model_name_or_path); pass --base")
         task = _parse_task(args.task)
         weights = _resolve_weights_arg(args.weights, adapter_dir, source, task)
+        distill = distill_args(args, _search_folders(adapter_dir, source), adapter_dir)  # before the base loads: fail fast
         if args.merge_into_base and task == "all":
             raise ValueError("--merge-into-base takes one --task, not 'all'")
         if args.merge_into_base and (args.method != "cat" or args.rank is not None):
-            raise ValueError("--merge-into-base folds the exact update into the weights: drop --method svd / --rank")
+            raise ValueError(
+                f"--merge-into-base folds the exact update into the weights: drop --method {args.method} / --rank"
+            )
         out = Path(args.out)
         if args.merge_into_base:
             _check_merge_out(out, [base_name, meta.get("base_model_name_or_path")], adapter_dir, source)
@@ -405,6 +434,7 @@ def run(args: argparse.Namespace) -> int:
             out, weights=weights, task=task, method=args.method, rank=args.rank, progress=not args.no_progress,
             tolerance=args.tolerance, target=args.target,
             eval_batches=_fidelity_batches(source, adapter_dir, args.fidelity_batches),
+            **distill,
         )
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
         from molora.apps.cli_errors import EXPORT_FLAGS, cli_message
@@ -414,7 +444,7 @@ def run(args: argparse.Namespace) -> int:
     print_export(report, out, task)
     if task != "all":
         print(f"adapter written to {out}")
-    note = routing_note(model.molora_config.router, task)
+    note = routing_note(model.molora_config.router, task, args.method)
     if note:
         print(note)
     return 0
