@@ -49,7 +49,7 @@ def test_chat_rows_supervise_assistant_turns_only():
     assert row["task_ids"] == 1 and len(row["attention_mask"]) == len(row["input_ids"])
     short = tokenize_chat(ds, tok, max_length=10)[0]
     assert len(short["input_ids"]) == 10 and all(label == IGNORE_INDEX for label in short["labels"])
-    with pytest.raises(ValueError, match="has none: set model.tokenizer"):
+    with pytest.raises(ValueError, match="has none: set data.chat_template"):
         tokenize_chat(ds, build_byte_tokenizer())
     bad = Dataset.from_list([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}])
     with pytest.raises(ValueError, match="message 1 must be"):

@@ -155,7 +155,7 @@ def test_readme_trainer_block_runs_with_router_lr_and_health_callback(tmp_path, 
     from conftest import REPO_ROOT
 
     blocks = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), flags=re.S)
-    (block,) = [b for b in blocks if "create_molora_optimizer" in b]
+    (block,) = [b for b in blocks if "RoutingHealthCallback" in b and "create_molora_optimizer" in b]
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)

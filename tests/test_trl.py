@@ -32,7 +32,7 @@ def _args(tmp_path, **overrides):
 
 def test_plain_sft_trainer_trains_a_molora_model(tmp_path):
     # before the fix: AttributeError 'CausalLMOutputWithPast' object has no attribute 'last_hidden_state'
-    model = get_molora_model(tiny_llama(), MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, r=2, router="topk", top_k=1))
+    model = get_molora_model(tiny_llama(), MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, r=2, router="topk", top_k=1, router_aux_loss_coef=0.01))
     trainer = trl.SFTTrainer(model=model, args=_args(tmp_path), train_dataset=_rows().remove_columns("task_ids"), processing_class=build_byte_tokenizer())
     with pytest.warns(UserWarning, match="does not read out.loss"):  # the router losses need MoLoRASFTTrainer
         trainer.train()

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill-steps", type=int, default=None, help="most distillation steps (default 300)")
     parser.add_argument("--demo", action="store_true", help="also the demo's top-k model (accuracy, ~5 min)")
     parser.add_argument("--demo-steps", type=int, default=None, help="training steps of the demo model")
+    parser.add_argument("--demo-distill-steps", type=int, default=120, help="most distillation steps per demo task")
+    parser.add_argument("--no-tiny", action="store_true", help="skip the tiny causal-LM study")
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--markdown", default=None, help="write the tables as a section of this file")
 
@@ -43,37 +45,37 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.out or tmp)
         t0 = time.perf_counter()
-        tiny_rows = _tiny(work / "tiny", args)
-        head = ["task", "export", "mean KL", "max |dlogit|", "loss routed", "loss export", "gap"]
-        sections = [f"tiny top-k run ({args.tiny_steps} steps), rank {args.rank}, target vllm", format_table(head, tiny_rows)]
-        md = [format_table(head, tiny_rows, markdown=True)]
+        sections, md = [], []
+        if not args.no_tiny:
+            tiny_rows = _tiny(work / "tiny", args)
+            head = ["task", "export", "mean KL", "max |dlogit|", "loss routed", "loss export", "gap"]
+            sections += [f"tiny top-k run ({args.tiny_steps} steps), rank {args.rank}, target vllm", format_table(head, tiny_rows)]
+            md += ["Causal LM (configs/tiny.yaml, top-2 of 4 experts, per-task measured gates, vLLM target):", "",
+                   format_table(head, tiny_rows, markdown=True), ""]  # fmt: skip
         if args.demo:
             demo_rows = _demo(work / "demo", args)
             demo_head = ["task", "routed acc", "svd merge acc", "distilled acc", "svd MSE", "distilled MSE"]
             sections += [f"\ndemo top-k model, rank {args.rank} (test split)", format_table(demo_head, demo_rows)]
-            md.append(format_table(demo_head, demo_rows, markdown=True))
+            md += ["Demo top-k model (MiniLM encoder, test accuracy; the student matches hidden states):", "",
+                   format_table(demo_head, demo_rows, markdown=True)]  # fmt: skip
     print("\n".join(sections))
     print(f"({time.perf_counter() - t0:.0f}s)")
     if args.markdown:
         cmd = f"molora bench distill --rank {args.rank} --tiny-steps {args.tiny_steps}" + (" --demo" if args.demo else "")
+        cmd += " --no-tiny" if args.no_tiny else ""
         update_markdown(args.markdown, "bench_distill", _markdown(md, cmd))
         print(f"wrote section bench_distill of {args.markdown}")
     return 0
 
 
-def _markdown(tables: list[str], command: str) -> str:
-    body = [
+def _markdown(lines: list[str], command: str) -> str:
+    head = [
         "## Distilled export: routed top-k model vs SVD static merge vs distilled LoRA",
         "",
         f"`{command}` (CPU). Fidelity on eval data that distillation did not train on.",
         "",
-        "Causal LM (configs/tiny.yaml, top-2 of 4 experts, per-task measured gates, vLLM target):",
-        "",
-        tables[0],
     ]
-    if len(tables) > 1:
-        body += ["", "Demo top-k model (MiniLM encoder, test accuracy; the student matches hidden states):", "", tables[1]]
-    return "\n".join(body)
+    return "\n".join(head + lines)
 
 
 def _tiny(work: Path, args: argparse.Namespace) -> list[list[str]]:
@@ -128,7 +130,7 @@ def _demo(work: Path, args: argparse.Namespace) -> list[list[str]]:
     for t, task in enumerate(tasks):
         train = [_with_task(b, t) for b in _batches(task.train[:1024], cfg.batch_size, collator)]
         gates = measure_gates(encoder, train)
-        dcfg = DistillConfig(**({"steps": args.distill_steps} if args.distill_steps else {}))
+        dcfg = DistillConfig(steps=args.demo_distill_steps)
         distilled, svd, rep = distilled_layer_factors(
             encoder, layers, gates, rank=args.rank, batches=train, task=None, config=dcfg, progress=True,
             desc=f"distill {task.name}",
