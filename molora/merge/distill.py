@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from molora.merge.factors import MergedFactors
-from molora.merge.fidelity import static_adapter
+from molora.merge.fidelity import rows_of_task, static_adapter
 
 __all__ = ["DistillConfig", "distill_factors", "factored_rel_error", "kl_to_teacher", "mse_to_teacher"]
 
@@ -154,19 +154,6 @@ def _student_params(
     return params
 
 
-def _rows_of_task(batch: Mapping[str, Any], task: int | None) -> dict[str, Any] | None:
-    """The batch's rows of ``task`` (all rows when None or without task ids); None when it has none."""
-    inputs = dict(batch)
-    inputs.pop("labels", None)
-    ids = inputs.get("task_ids")
-    if task is None or ids is None:
-        return inputs
-    rows = (torch.as_tensor(ids).reshape(-1) == int(task)).nonzero().flatten()  # host-side selection
-    if rows.numel() == 0:
-        return None
-    return {k: v[rows.to(v.device)] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-
 def _split(batches: Sequence[Mapping[str, Any]], holdout: float) -> tuple[list, list]:
     if len(batches) == 1:
         return list(batches), list(batches)
@@ -215,7 +202,7 @@ def distill_factors(
         ValueError: no batch holds a row of ``task``.
     """
     cfg = config or DistillConfig()
-    selected = [x for x in (_rows_of_task(b, task) for b in batches) if x is not None]
+    selected = [{k: v for k, v in x.items() if k != "labels"} for x in (rows_of_task(b, task) for b in batches) if x is not None]
     if not selected:
         raise ValueError(
             "method='distill' needs `distill_batches` with rows to train on" + (f" for task {task}" if task is not None else "")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FIDELITY_KEYS", "format_fidelity_table", "measure_fidelity", "static_adapter"]
+__all__ = ["FIDELITY_KEYS", "format_fidelity_table", "measure_fidelity", "rows_of_task", "static_adapter"]
 
 FIDELITY_KEYS = ("mean_kl", "max_abs_logit_diff", "loss_routed", "loss_exported")
 
@@ -71,6 +71,19 @@ def static_adapter(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, t
         for layer in layers.values():
             layer.disabled = False
         model.track_routing_stats = tracked
+
+
+def rows_of_task(batch: Mapping[str, Any], task: int | None) -> dict[str, Any] | None:
+    """A copy of ``batch`` with only the rows of ``task`` (every row when ``task`` is None or the
+    batch has no ``task_ids``); None when no row belongs to ``task``. Selected on the host."""
+    inputs = dict(batch)
+    ids = inputs.get("task_ids")
+    if task is None or ids is None:
+        return inputs
+    rows = (torch.as_tensor(ids).reshape(-1) == int(task)).nonzero().flatten()
+    if rows.numel() == 0:
+        return None
+    return {k: v[rows.to(v.device)] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 class _Acc:
@@ -150,16 +163,11 @@ def measure_fidelity(
     model.eval()
     try:
         for batch in batches:
-            inputs = dict(batch)
+            inputs = rows_of_task(batch, task)
+            if inputs is None:
+                continue
             labels = inputs.pop("labels", None)
             ids = inputs.get("task_ids")
-            if task is not None and ids is not None:
-                rows = (torch.as_tensor(ids).reshape(-1) == int(task)).nonzero().flatten()  # host-side selection
-                if rows.numel() == 0:
-                    continue
-                inputs = {k: v[rows.to(v.device)] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-                labels = None if labels is None else labels[rows.to(labels.device)]
-                ids = inputs["task_ids"]
             routed = model(**inputs).logits.float()
             with static_adapter(model, factors):
                 exported = model(**inputs).logits.float()
