@@ -202,7 +202,8 @@ def distill_factors(
         ValueError: no batch holds a row of ``task``.
     """
     cfg = config or DistillConfig()
-    selected = [{k: v for k, v in x.items() if k != "labels"} for x in (rows_of_task(b, task) for b in batches) if x is not None]
+    rows = [rows_of_task(b, task) for b in batches]
+    selected = [{k: v for k, v in x.items() if k != "labels"} for x in rows if x is not None]
     if not selected:
         raise ValueError(
             "method='distill' needs `distill_batches` with rows to train on" + (f" for task {task}" if task is not None else "")
