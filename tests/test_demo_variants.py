@@ -25,9 +25,23 @@ def test_variant_configs_keep_the_adapter_budget():
         c = _molora_config(key, tasks, cfg)
         a_count = 1 if c.share_lora_A else c.num_experts
         sizes[key] = c.r * d * (a_count + c.num_experts) + c.num_shared_experts * c.r * 2 * d
-    assert sizes["molora-task"] == sizes["molora-topk"] == sizes["molora-topp"] == sizes["task-shared1"] == budget
+    same_budget = ("molora-task", "molora-topk", "molora-topp", "task-shared1", "task-dora", "task-pissa", "topk-pissa")
+    assert {sizes[k] for k in same_budget} == {budget}
     assert abs(sizes["hydra-task"] - budget) / budget < 0.1 and hydra_rank(cfg) == 6
     assert _molora_config("molora-topp", tasks, cfg).router == "topp"
+
+
+def test_dora_and_pissa_forms_differ_from_their_plain_forms_only_in_the_variant():
+    cfg, tasks = DemoConfig(), [_Task("a"), _Task("b"), _Task("c")]
+    plain_task, plain_topk = _molora_config("molora-task", tasks, cfg), _molora_config("molora-topk", tasks, cfg)
+    for key, plain, changed in [
+        ("task-dora", plain_task, {"use_dora": True}),
+        ("task-pissa", plain_task, {"init_lora_weights": "pissa"}),
+        ("topk-pissa", plain_topk, {"init_lora_weights": "pissa"}),
+    ]:
+        got = _molora_config(key, tasks, cfg).to_dict()
+        want = {**plain.to_dict(), **changed}
+        assert got == want, key
 
 
 def test_variants_table_gives_mean_and_std_over_seeds():

@@ -53,15 +53,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         const=3,
         default=0,
         metavar="SEEDS",
-        help="compare the expert forms (shared LoRA, task, top-k, Hydra+task, task+1 shared expert, top-p) "
-        "at the same budget, mean +- std over SEEDS seeds (default 3; ~15-25 min on 2 cores)",
+        help="compare the expert forms (shared LoRA, task, top-k, Hydra+task, task+1 shared expert, top-p, "
+        "DoRA+task, PiSSA+task, PiSSA+top-k) at the same budget, mean +- std over SEEDS seeds "
+        "(default 3; ~45 min on 2 cores)",
     )
     parser.add_argument(
         "--forms",
         default=None,
         metavar="KEYS",
         help="with --variants: a comma list of the forms to train (default all: shared-lora, molora-task, "
-        "molora-topk, hydra-task, task-shared1, molora-topp)",
+        "molora-topk, hydra-task, task-shared1, molora-topp, task-dora, task-pissa, topk-pissa)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser

@@ -47,8 +47,12 @@ VARIANT_MODELS: dict[str, str] = {
     "hydra-task": "HydraLoRA (shared A), task router",
     "task-shared1": "task router + 1 shared expert",
     "molora-topp": "MoLoRA, top-p token router",
+    "task-dora": "DoRA experts, task router",
+    "task-pissa": "PiSSA-initialized experts, task router",
+    "topk-pissa": "PiSSA-initialized experts, top-k token router",
 }
-"""The forms ``molora demo --variants`` compares at the same adapter budget (see :func:`_molora_config`)."""
+"""The forms ``molora demo --variants`` compares at the same adapter budget (see :func:`_molora_config`;
+DoRA adds its magnitude vectors, one number per output of each adapted layer)."""
 
 RECIPE_MODELS: dict[str, str] = {
     "soft": "molora-soft",
@@ -66,6 +70,9 @@ ROUTER_KINDS: dict[str, str] = {
     "task-shared1": "task",
     "molora-topp": "topp",
     "molora-soft": "soft",
+    "task-dora": "task",
+    "task-pissa": "task",
+    "topk-pissa": "topk",
 }
 """MoLoRA model key -> its router kind in :data:`~molora.apps.demo.config.ROUTER_RECIPES`."""
 
@@ -156,8 +163,10 @@ def _molora_config(key: str, tasks: list[TaskData], cfg: DemoConfig):
     """The MoLoRAConfig of a MoLoRA key of :data:`MODEL_DESCRIPTIONS`, at the adapter budget of N
     experts of rank r: ``hydra-task`` takes rank :func:`hydra_rank`, ``task-shared1`` N - 1
     routed experts and one shared one, ``molora-topp`` top_p = 0.5 (top-2 of 4 at uniform gates),
-    ``molora-soft`` all N experts; the balancing loss weight is the router kind's
-    (:func:`~molora.apps.demo.config.router_recipe`)."""
+    ``molora-soft`` all N experts, ``task-dora`` the task router with DoRA experts
+    (``use_dora=True``), ``task-pissa`` / ``topk-pissa`` the task / top-k router with
+    ``init_lora_weights="pissa"`` (exact SVD: MiniLM's layers are 384 x 384); the balancing
+    loss weight is the router kind's (:func:`~molora.apps.demo.config.router_recipe`)."""
     from molora import MoLoRAConfig
 
     _, aux = router_recipe(ROUTER_KINDS[key], cfg)
@@ -170,8 +179,9 @@ def _molora_config(key: str, tasks: list[TaskData], cfg: DemoConfig):
         "router_aux_loss_coef": aux,
     }
     task = dict(router="task", num_tasks=len(tasks), task_names=[t.name for t in tasks])
-    if key == "molora-task":
-        return MoLoRAConfig(top_k=cfg.task_top_k, **task, **common)
+    if key in ("molora-task", "task-dora", "task-pissa"):
+        variant = {"task-dora": {"use_dora": True}, "task-pissa": {"init_lora_weights": "pissa"}}.get(key, {})
+        return MoLoRAConfig(top_k=cfg.task_top_k, **task, **common, **variant)
     if key == "hydra-task":
         return MoLoRAConfig(**task, **{**common, "r": hydra_rank(cfg)}, share_lora_A=True)
     if key == "task-shared1":
@@ -180,7 +190,8 @@ def _molora_config(key: str, tasks: list[TaskData], cfg: DemoConfig):
         return MoLoRAConfig(router="topp", top_p=0.5, **common)
     if key == "molora-soft":
         return MoLoRAConfig(router="soft", **common)
-    return MoLoRAConfig(router="topk", top_k=cfg.top_k, **common)
+    init = {"init_lora_weights": "pissa"} if key == "topk-pissa" else {}
+    return MoLoRAConfig(router="topk", top_k=cfg.top_k, **common, **init)
 
 
 def trainable_parameters(model: MultitaskClassifier) -> tuple[int, int]:

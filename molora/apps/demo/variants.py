@@ -3,9 +3,10 @@
 On the demo's three real tasks, the same steps, data order, lr, heads and adapter budget
 (:data:`~molora.apps.demo.models.VARIANT_MODELS`): a shared PEFT LoRA of rank N r, the task
 router, top-k, HydraLoRA (shared A, rank :func:`~molora.apps.demo.models.hydra_rank`) with the
-task router, the task router with N - 1 routed experts and one shared expert, and top-p
-(p = 0.5). Each seed draws its own data split, schedule and inits; every form sees the same
-ones. The table goes into ``results.json`` under ``"variants"`` and ``variants.md``.
+task router, the task router with N - 1 routed experts and one shared expert, top-p (p = 0.5),
+DoRA experts with the task router, and PiSSA-initialized experts with the task and the top-k
+router. Each seed draws its own data split, schedule and inits; every form sees the same ones.
+The table goes into ``results.json`` under ``"variants"`` and ``variants.md``.
 """
 
 from __future__ import annotations
