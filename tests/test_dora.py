@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from conftest import interpreted_triton_kernels, needs_triton_interpreter
-from tiny_models import tiny_gpt2, tiny_llama
+from tiny_models import tiny_gpt2, tiny_llama, trained
 from torch import nn
 
 from molora import MoLoRAConfig, MoLoRAModel, get_molora_model
@@ -115,7 +115,9 @@ def test_dora_norm_is_not_materialized_per_task_but_equals_it():
     norms = dora_norms(layer, gates)
     for t in range(NUM_TASKS):
         shared = (layer.lora_A_shared.detach(), layer.lora_B_shared.detach())
-        W = layer.base_layer.weight + dense_delta(layer.lora_A.detach(), layer.lora_B.detach(), gates[t], layer.scaling, shared)
+        W = layer.base_layer.weight + dense_delta(
+            layer.lora_A.detach(), layer.lora_B.detach(), gates[t], layer.scaling, shared
+        )
         torch.testing.assert_close(norms[t], torch.linalg.norm(W, dim=1), rtol=1e-5, atol=1e-5)
 
 
@@ -138,17 +140,6 @@ def dora_config(**kw) -> MoLoRAConfig:
         router="task", num_tasks=NUM_TASKS, top_k=2, use_dora=True, router_init_std=1.0,
     )  # fmt: skip
     return MoLoRAConfig(**{**base, **kw})
-
-
-def trained(model: MoLoRAModel, ids: torch.Tensor, task_ids: torch.Tensor, steps: int = 1) -> MoLoRAModel:
-    """A few AdamW steps, so that B, m and the router differ from their init."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    model.train()
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids, task_ids=task_ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model.eval()
 
 
 def test_dora_model_starts_at_base_and_trains_magnitude():
@@ -213,7 +204,9 @@ def test_dora_per_task_export_loads_in_peft_and_matches(tmp_path, make_base):
         routed = model(input_ids=ids, task_ids=torch.tensor([t, t])).logits
         exported = peft_logits(make_base(), tmp_path / "tasks" / f"task_{t}", ids)
         torch.testing.assert_close(exported, routed, rtol=1e-4, atol=1e-4)
-    fidelity = model.export_merged_adapter(tmp_path / "t1", task=1, eval_batches=[{"input_ids": ids, "task_ids": torch.tensor([1, 1])}])["fidelity"]
+    fidelity = model.export_merged_adapter(
+        tmp_path / "t1", task=1, eval_batches=[{"input_ids": ids, "task_ids": torch.tensor([1, 1])}]
+    )["fidelity"]
     assert fidelity["max_abs_logit_diff"] < 1e-4
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from tiny_models import tiny_llama, trained
 from torch import nn
 
 from molora import MoLoRAConfig, MoLoRAModel, get_molora_model
@@ -75,7 +75,9 @@ def test_token_router_start_is_within_the_stated_bound(router, extra):
     """||y_start - y_base|| <= max_i |g_i(x) - gbar_i| * ||W0 x|| per token (molora.core.init)."""
     torch.manual_seed(0)
     base = nn.Linear(24, 20, bias=False)
-    kwargs = {"top_k": extra.get("top_k")} if router == "topk" else {"top_p": extra["top_p"]} if router == "topp" else {}
+    kwargs = (
+        {"top_k": extra.get("top_k")} if router == "topk" else {"top_p": extra["top_p"]} if router == "topp" else {}
+    )
     rt = build_router(router, 24, num_experts=N, init_std=0.5, **kwargs)
     layer = MoLoRALinear(base, num_experts=N, r=R, lora_alpha=4, router=rt, expert_impl="dense", pissa=True)
     init_pissa_(layer, "pissa")
@@ -92,19 +94,9 @@ def test_base_weights_are_never_changed_and_unload_gives_them_back():
     before = base_state()
     model = get_molora_model(tiny_llama(), pissa_config())
     ids = torch.randint(0, 128, (3, 9))
-    train_steps(model, ids, torch.tensor([0, 1, 2]))
+    trained(model, ids, torch.tensor([0, 1, 2]), steps=2, lr=0.02)
     after = model.unload().state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-
-
-def train_steps(model: MoLoRAModel, ids, task_ids, steps: int = 2) -> MoLoRAModel:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.02)
-    model.train()
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids, task_ids=task_ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model.eval()
 
 
 @pytest.mark.parametrize("top_k", [None, 2])
@@ -113,7 +105,9 @@ def test_trained_pissa_adapter_and_exports_apply_to_the_original_base(tmp_path, 
     from peft import PeftModel
 
     ids = torch.randint(0, 128, (3, 9))
-    model = train_steps(get_molora_model(tiny_llama(), pissa_config(top_k=top_k)), ids, torch.tensor([0, 1, 2]))
+    model = trained(
+        get_molora_model(tiny_llama(), pissa_config(top_k=top_k)), ids, torch.tensor([0, 1, 2]), steps=2, lr=0.02
+    )
     routed = {t: model(input_ids=ids, task_ids=torch.tensor([t] * 3)).logits for t in range(TASKS)}
     model.save_pretrained(tmp_path / "adapter")
     loaded = MoLoRAModel.from_pretrained(tiny_llama(), tmp_path / "adapter")  # a fresh, original base
@@ -137,7 +131,7 @@ def test_token_router_pissa_export_applies_to_the_original_base(tmp_path):
     from peft import PeftModel
 
     ids = torch.randint(0, 128, (3, 9))
-    model = train_steps(get_molora_model(tiny_llama(), pissa_config("soft")), ids, None)
+    model = trained(get_molora_model(tiny_llama(), pissa_config("soft")), ids, None, steps=2, lr=0.02)
     with torch.no_grad():
         for layer in model.molora_layers().values():
             layer.router.weight.zero_()

@@ -64,3 +64,10 @@ def train_steps(model, batch, *, steps: int = 1, lr: float = 1e-2, **forward_kwa
         losses.append(out.loss.item())
     model.eval()
     return losses
+
+
+def trained(model, ids: torch.Tensor, task_ids: torch.Tensor | None = None, *, steps: int = 1, lr: float = 0.05):
+    """``model`` after ``steps`` AdamW steps of language modeling on ``ids`` (so that B, the
+    magnitudes and the routers differ from their init before a merge or export), in eval mode."""
+    train_steps(model, {"input_ids": ids, "labels": ids}, steps=steps, lr=lr, task_ids=task_ids)
+    return model
