@@ -9,19 +9,18 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_CONFIG, tiny_run_overrides
+from tampering import locked_by_another_process
 from tiny_models import random_batch, tiny_llama, train_steps
 
 import molora.atomic as atomic
 from molora import MoLoRAConfig, MoLoRAModel, get_molora_model
 from molora.atomic import DiskFullError, FolderBusyError, IncompleteSaveError
 from molora.cli import main
-
 
 
 def trained(task_names=None) -> MoLoRAModel:
@@ -34,26 +33,6 @@ def trained(task_names=None) -> MoLoRAModel:
 
 def _state(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-@contextlib.contextmanager
-def _locked_by_another_process(path: Path):
-    """A second process holding the writer lock of ``path`` (molora.atomic's protocol: an
-    exclusive flock on ``.{name}.molora-lock`` beside it) until the block ends."""
-    lock = path.parent / f".{path.name}.molora-lock"
-    code = (
-        "import fcntl, os, time\n"
-        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT, 0o600); fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "os.write(fd, f'pid {os.getpid()} on test'.encode()); print('locked', flush=True); time.sleep(120)\n"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "locked"
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def _kill_between_renames(monkeypatch, save) -> None:
@@ -103,7 +82,7 @@ def test_a_second_writer_is_told_another_process_is_writing(tmp_path):
     model, path = trained(), tmp_path / "a"
     model.save_pretrained(path)
     before = _state(path)
-    with _locked_by_another_process(path) as pid:
+    with locked_by_another_process(path) as pid:
         with pytest.raises(FolderBusyError, match=rf"another process \(pid {pid} .*is writing"):
             model.save_pretrained(path)
         assert MoLoRAModel.from_pretrained(tiny_llama(), path) is not None  # readers still read
@@ -359,7 +338,7 @@ def test_a_second_train_into_the_same_output_dir_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints" / "step_0000003").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"type": "train", "step": 1, "loss": 1.0}\n')
-    with _locked_by_another_process(run) as pid:
+    with locked_by_another_process(run) as pid:
         overrides = tiny_run_overrides(tmp_path, "run", {"train.overwrite_output_dir": "true"})
         assert main(["train", str(TINY_CONFIG), *overrides]) == 2
     err = capsys.readouterr().err

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, tiny_run_overrides
 from safetensors.torch import load_file
+from tampering import CKPT, edit_trainer_state, foreign_optimizer
 
 from molora.cli import main
 from molora.training.metrics import MetricsLog, read_metrics
@@ -29,7 +30,6 @@ BASE = {
     "train.export": "true",
     "data.num_samples": 16,
 }
-CKPT = Path("checkpoints") / "step_0000002"
 
 
 @pytest.fixture(scope="module")
@@ -98,31 +98,14 @@ def test_a_missing_rng_file_is_warned_about(finished, tmp_path, capsys):
     assert re.search(r"warning: --resume: .*rng_rank0\.pt is missing", capsys.readouterr().out)
 
 
-def _edit_state(**values):
-    def damage(run):
-        path = run / CKPT / "trainer_state.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
-
-    return damage
-
-
-def _foreign_optimizer(run):
-    """The optimizer state of an adapter with another rank: one moment of another shape."""
-    path = run / CKPT / "optimizer.pt"
-    state = torch.load(path, weights_only=True)
-    moments = state["state"][0]
-    moments["exp_avg"] = torch.zeros(*moments["exp_avg"].shape[:-1], moments["exp_avg"].shape[-1] + 1)
-    torch.save(state, path)
-
-
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (_edit_state(micro_step=10**12), r"'micro_step'=1000000000000 does not fit 'step'=2"),
-        (_edit_state(micro_step=1), r"'micro_step'=1 does not fit 'step'=2"),
-        (_edit_state(step="2"), r"'step' must be an integer >= 0, got '2'"),
-        (_edit_state(step=-1), r"'step' must be an integer >= 0, got -1"),
-        (_foreign_optimizer, r"optimizer\.pt' holds the optimizer state of another model .*exp_avg of shape"),
+        (edit_trainer_state(micro_step=10**12), r"'micro_step'=1000000000000 does not fit 'step'=2"),
+        (edit_trainer_state(micro_step=1), r"'micro_step'=1 does not fit 'step'=2"),
+        (edit_trainer_state(step="2"), r"'step' must be an integer >= 0, got '2'"),
+        (edit_trainer_state(step=-1), r"'step' must be an integer >= 0, got -1"),
+        (foreign_optimizer, r"optimizer\.pt' holds the optimizer state of another model .*exp_avg of shape"),
     ],
     ids=["micro-huge", "micro-small", "step-string", "step-negative", "optimizer-shapes"],
 )

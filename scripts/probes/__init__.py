@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers (tiny_models, tampering) serve the probes too
 MODULES = ("api", "cli", "kills", "concurrent", "disk", "owned", "training")  # in the order probe_bad_inputs.py runs them
 EXPECTED = (ValueError, TypeError, OSError, RuntimeError)  # OSError: missing, busy, read-only, full disk
 

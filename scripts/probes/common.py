@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from probes import ROOT
 
-sys.path.insert(0, str(ROOT / "tests"))
-from tiny_models import random_batch, tiny_llama, train_steps  # noqa: E402
+from tiny_models import random_batch, tiny_llama, train_steps  # noqa: E402 - tests/ is on sys.path (probes/__init__)
 
 from molora import MoLoRAConfig, MoLoRAModel, get_molora_model  # noqa: E402
 

@@ -10,12 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from probes import ROOT, case, clear_exit, expect_error, run_cli
-from probes.common import TINY, base, model
-from probes.fsutil import _api_busy, _bumped, _cli_busy, _held_lock, _hidden, _refused_while_locked, tiny_llama
+from tampering import locked_by_another_process
 
 import molora.atomic as atomic
 from molora import MoLoRAModel
+from probes import ROOT, case, clear_exit, expect_error, run_cli
+from probes.common import TINY, base, model
+from probes.fsutil import _api_busy, _bumped, _cli_busy, _hidden, _refused_while_locked, tiny_llama
 
 _READER = r"""
 import sys
@@ -168,7 +169,7 @@ def _busy_resume(tmp: Path) -> tuple[bool, str]:
 def _reads_while_locked(tmp: Path, read) -> tuple[bool, str]:
     model().save_pretrained(tmp / "a")
     (tmp / ".a.molora-tmp-inprogress").mkdir()  # the writer's folder in progress
-    with _held_lock(tmp / "a"):
+    with locked_by_another_process(tmp / "a", holder="probe"):
         ok, message = read(tmp / "a")
     kept = (tmp / ".a.molora-tmp-inprogress").is_dir()
     return ok and kept, message + ("" if kept else " / THE WRITER'S FOLDER IN PROGRESS WAS DELETED")
@@ -223,6 +224,6 @@ def _reader_waits(tmp: Path) -> tuple[bool, str]:
     aside = tmp / ".a.molora-old-x"
     aside.mkdir()
     os.rename(tmp / "a", aside / "previous")
-    with _held_lock(tmp / "a"):
+    with locked_by_another_process(tmp / "a", holder="probe"):
         ok, message = expect_error(lambda: MoLoRAModel.from_pretrained(tiny_llama(), tmp / "a"), "molora_config.json")
     return ok and aside.is_dir(), f"a clear error, the writer's work left alone: {message}"

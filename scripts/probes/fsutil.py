@@ -14,16 +14,14 @@ import contextlib
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
-
-from probes import case, clear_exit, expect_error, run_cli
-from probes.common import tiny_llama  # noqa: F401 - re-exported for the case modules
+from tampering import locked_by_another_process
 
 from molora import MoLoRAModel
-
+from probes import case, clear_exit, expect_error, run_cli
+from probes.common import tiny_llama  # noqa: F401 - re-exported for the case modules
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -55,29 +53,10 @@ def _hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-@contextlib.contextmanager
-def _held_lock(path: Path):
-    """Another process holding the writer lock of ``path`` (the flock protocol of molora.atomic)."""
-    lock = path.parent / f".{path.name}.molora-lock"
-    code = (
-        "import fcntl, os, sys, time\n"
-        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT, 0o600); fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "os.write(fd, f'pid {os.getpid()} on probe'.encode()); print('locked', flush=True); time.sleep(600)\n"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        proc.stdout.readline()
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 def _refused_while_locked(path: Path, call) -> tuple[bool, str]:
     """ok when ``call`` is refused with a message naming the other process, and ``path`` is unchanged."""
     before = _state(path) if path.is_dir() else None
-    with _held_lock(path) as pid:
+    with locked_by_another_process(path, holder="probe") as pid:
         ok, message = call()
     kept = (_state(path) if path.is_dir() else None) == before
     return ok and f"pid {pid}" in message and kept, message + ("" if kept else " / FOLDER CHANGED")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import shutil
 import tempfile
 import warnings
@@ -19,11 +18,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-
-from probes import api_error, case, clear_exit, cli_error, run_cli
-from probes.common import TINY, tiny_llama
+from tampering import CKPT, edit_trainer_state, foreign_optimizer
 
 from molora import MoLoRAConfig, MoLoRAModel, get_molora_model
+from probes import api_error, case, clear_exit, cli_error, run_cli
+from probes.common import TINY, tiny_llama
 
 QUICK = {
     "train.max_steps": 2,
@@ -37,7 +36,6 @@ QUICK = {
     "train.export": "false",
     "data.num_samples": 16,
 }
-CKPT = Path("checkpoints") / "step_0000002"
 GPT2 = "{model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 4, n_positions: 16, vocab_size: 260}"
 
 
@@ -108,28 +106,13 @@ def _resume_lower(tmp: Path):
 # --- damaged or foreign training state (items 9, 18) -------------------------------------
 
 
-def _state(**values):
-    def damage(run):
-        path = run / CKPT / "trainer_state.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
-
-    return damage
-
-
-def _foreign_optimizer(run):
-    path = run / CKPT / "optimizer.pt"
-    state = torch.load(path, weights_only=True)
-    state["state"][0]["exp_avg"] = torch.zeros(3, 5)
-    torch.save(state, path)
-
-
 for _name, _damage in {
-    "micro_step 10**12": _state(micro_step=10**12),
-    "micro_step below step": _state(micro_step=1),
-    "string step": _state(step="2"),
-    "negative step": _state(step=-1),
-    "null world_size": _state(world_size=None),
-    "optimizer state of other shapes": _foreign_optimizer,
+    "micro_step 10**12": edit_trainer_state(micro_step=10**12),
+    "micro_step below step": edit_trainer_state(micro_step=1),
+    "string step": edit_trainer_state(step="2"),
+    "negative step": edit_trainer_state(step=-1),
+    "null world_size": edit_trainer_state(world_size=None),
+    "optimizer state of other shapes": foreign_optimizer,
     "optimizer state of no groups": lambda run: torch.save({"state": {}, "param_groups": []}, run / CKPT / "optimizer.pt"),
 }.items():
     case("training", f"resume: {_name}")(
