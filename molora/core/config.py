@@ -52,8 +52,9 @@ class MoLoRAConfig:
         use_rslora: s = lora_alpha / sqrt(r) (rank-stabilized LoRA).
         router_aux_loss_coef: weight of the load-balancing loss added to ``out.loss``.
             ``None`` (default): the router kind's default from
-            :data:`molora.core.recipes.AUX_LOSS_COEF` (0.01 for the token routers soft, topk
-            and topp; 0 for task, whose per-task table gains nothing from token balancing).
+            :data:`molora.core.recipes.AUX_LOSS_COEF`: 0 for every router kind (the recipe
+            study found no gain from 0.01; set 0.01, Switch Transformer's value, when the
+            routing-health monitor warns that a token router collapses).
             The resolved number is what the config holds and saves, so a saved adapter keeps
             its coefficient if the defaults change; an explicit value is kept as given.
         router_z_loss_coef: weight of the router z-loss added to ``out.loss``.
