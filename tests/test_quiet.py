@@ -48,6 +48,19 @@ def test_qlora_train_prints_no_third_party_noise(tmp_path):
     assert not NOISE.search(err), err[-3000:]
 
 
+def test_export_with_no_progress_prints_no_library_bars(tmp_path):
+    """``--no-progress`` hid molora's bars but not transformers' "Loading weights" and "Writing
+    model shards" bars, which a merge into the base prints."""
+    _train(tmp_path, {"train.export": "false"})
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    for extra in (["--out", "exp"], ["--merge-into-base", "--out", "merged"]):
+        cmd = [sys.executable, "-m", "molora.cli", "export", "run", *extra, "--no-progress"]
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not NOISE.search(proc.stderr) and "it/s" not in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
 def test_bitsandbytes_kernel_message_is_dropped_and_others_kept(caplog):
     quiet_bitsandbytes_import()
     quiet_bitsandbytes_import()  # once only

@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     module = importlib.import_module(_module(selected))
-    return int(module.run(args) or 0)
+    if not getattr(args, "no_progress", False):
+        return int(module.run(args) or 0)
+    from molora.training.quiet import transformers_progress
+
+    with transformers_progress(False):  # --no-progress: no "Loading weights" / "Writing shards" bars either
+        return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

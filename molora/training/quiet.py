@@ -2,7 +2,8 @@
 
 - datasets' and transformers' progress bars (loading and tokenizing the task files, writing a
   base built from config) show on the main process only, and only with ``train.progress_bar``:
-  one bar per rank is noise.
+  one bar per rank is noise. ``--no-progress`` on any ``molora`` command turns transformers' bars
+  (loading weights, writing shards) off with molora's own (:func:`transformers_progress`).
 - bitsandbytes logs, when it is imported on a CPU with AVX512-BF16, that it could not fetch an
   optional faster 4-bit kernel from the Hub (``kernels-community``, through the ``kernels``
   package). Its fallback kernel gives the same results, and no run here can download, so that
@@ -15,7 +16,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["library_progress", "quiet_bitsandbytes_import"]
+__all__ = ["library_progress", "quiet_bitsandbytes_import", "transformers_progress"]
 
 _BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 _BNB_KERNEL_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
@@ -54,4 +55,20 @@ def library_progress(show: bool) -> Iterator[None]:
         if was_datasets:
             datasets.enable_progress_bars()
         if was_hf:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def transformers_progress(show: bool) -> Iterator[None]:
+    """transformers' progress bars on (``show``) or off inside the block, restored after it
+    (datasets is not imported: exports and inspection do not need it)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not show:
             hf_logging.enable_progress_bar()
