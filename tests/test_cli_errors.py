@@ -70,3 +70,19 @@ def test_export_prints_how_to_merge_a_quantized_export(tmp_path, capsys):
     print_export(report, tmp_path, task=0)
     out = capsys.readouterr().out
     assert "PEFT's merge_and_unload() on the 4-bit base keeps the layers 4-bit" in out and "--merge-into-base" in out
+
+
+def test_dora_vllm_refusal_names_the_cli_way_to_merge(tmp_path, capsys):
+    """The library's advice, merge_and_unload(task=...), is a Python call; the CLI names its flags."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    cfg = MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, r=2, router="task", num_tasks=2, use_dora=True)
+    model = get_molora_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), cfg)
+    train_steps(model, random_batch(), task_ids=torch.tensor([0, 1]))
+    model.save_pretrained(tmp_path / "adapter")
+    args = ["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "out"), "--task", "all", "--target", "vllm"]
+    assert main([*args, "--no-progress"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("molora export: error:")]
+    assert len(err) == 1 and "--task T --merge-into-base" in err[0], err
+    assert not PYTHON_SPELLING.search(err[0]) and "merge_and_unload" not in err[0], err[0]

@@ -25,6 +25,8 @@ EXPORT_FLAGS: Sequence[tuple[str, str]] = (
      "--merge-into-base takes one --task, not 'all'"),
     (r"pass either `task` \(the task router's gates\) or `weights`, not both, unless `weights` is per-task measured gates",
      "give --task (the task router's gates) or --weights, not both, unless --weights measured gives per-task gates"),
+    (r"merge it into the base with merge_and_unload\(task=\.\.\.\)",
+     "merge it into the base with --task T --merge-into-base"),
     (r"\(config\.router='task'\)", "(molora.router=task)"),
     (r"`task=([^`]*)`", r"--task \1"),
     (r"`task='all'`", "--task all"),
