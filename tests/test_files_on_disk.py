@@ -356,3 +356,14 @@ def test_a_file_write_never_deletes_the_temp_file_of_a_live_writer(tmp_path):
     atomic.atomic_write_text(tmp_path / "x.json", "{}")
     atomic.recover_directory(tmp_path / "x.json")  # what readers run
     assert live.read_text() == "being written" and not dead.exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_while_appending_metrics_is_one_clear_error(tmp_path):
+    """An append to metrics.jsonl on a full disk said only "[Errno 28] No space left on device"."""
+    from molora.training.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", True, keep_until=None)
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")  # every write fails with ENOSPC
+    with pytest.raises(DiskFullError, match=r"metrics log '.*metrics\.jsonl' at step 7: the disk is full .*--resume"):
+        log.write({"type": "train", "step": 7, "loss": 1.0})

@@ -12,12 +12,13 @@ non-finite loss anyway). A run killed while appending leaves a partial last line
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from molora.atomic import atomic_write_text
+from molora.atomic import DiskFullError, atomic_write_text
 
 __all__ = ["MetricsLog", "read_metrics"]
 
@@ -80,8 +81,19 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line and pass it to the sinks (no-op on other processes)."""
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                step = f" at step {record['step']}" if "step" in record else ""
+                raise DiskFullError(
+                    e.errno,
+                    f"cannot append to the metrics log {str(self.path)!r}{step}: the disk is full ({e.strerror}); "
+                    "free space, then continue the run with --resume (it restarts from the last checkpoint "
+                    "and drops a partly written last line)",
+                ) from e
             for sink in self.sinks:
                 sink.write(record)
 
