@@ -182,3 +182,25 @@ def test_pissa_training_run_config_builds(tmp_path):
 
     cfg = load_run_config(TINY_CONFIG, ["molora.init_lora_weights=pissa_niter_2", "molora.router=task"])
     assert cfg.molora.init_lora_weights == "pissa_niter_2"
+
+
+@pytest.mark.parametrize(
+    ("molora_section", "shown"),
+    [
+        ({"use_dora": True, "init_lora_weights": True}, "experts=4 (DoRA),"),
+        ({"use_dora": False, "init_lora_weights": "pissa_niter_4"}, "experts=4 (PiSSA init pissa_niter_4),"),
+        ({"use_dora": False, "init_lora_weights": True}, "experts=4,"),
+    ],
+)
+def test_inspect_names_the_expert_variant_of_a_run(tmp_path, molora_section, shown):
+    """`molora inspect` said "router=task, experts=4" for a DoRA or PiSSA run alike."""
+    import json
+
+    import yaml
+
+    from molora.apps.commands.inspect import summarize
+
+    summary = dict(steps=2, router="task", num_experts=4, num_processes=1, mixed_precision="no", wall_time_s=1.0)
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "trainable_params": 10, "total_params": 100}))
+    (tmp_path / "run_config.yaml").write_text(yaml.safe_dump({"molora": {"num_experts": 4, **molora_section}}))
+    assert shown in summarize(tmp_path, [], None)

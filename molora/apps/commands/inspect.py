@@ -67,6 +67,22 @@ def _routing_text(routing: dict[str, Any]) -> str:
     return ", " + ", ".join(parts)
 
 
+def _expert_variant(run_dir: Path) -> str:
+    """``" (DoRA)"``, ``" (PiSSA init pissa_niter_4)"`` or ``""`` (plain LoRA experts), from the
+    run's ``run_config.yaml``."""
+    import yaml
+
+    try:
+        molora = (yaml.safe_load((run_dir / "run_config.yaml").read_text()) or {}).get("molora") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return ""
+    parts = ["DoRA"] if molora.get("use_dora") is True else []
+    init = molora.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith("pissa"):
+        parts.append(f"PiSSA init {init}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def summarize(run_dir: Path, records: list[dict[str, Any]], eval_record: dict[str, Any] | None) -> str:
     """The text printed by ``molora inspect``."""
     from molora.training.run_dir import checkpoint_dirs
@@ -76,7 +92,7 @@ def summarize(run_dir: Path, records: list[dict[str, Any]], eval_record: dict[st
     if summary_path.is_file():
         s = json.loads(summary_path.read_text())
         lines.append(
-            f"  finished: {s['steps']} steps, router={s['router']}, experts={s['num_experts']}, "
+            f"  finished: {s['steps']} steps, router={s['router']}, experts={s['num_experts']}{_expert_variant(run_dir)}, "
             f"processes={s['num_processes']}, precision={s['mixed_precision']}, {s['wall_time_s']:.1f}s"
         )
         lines.append(f"  trainable params: {s['trainable_params']:,d} of {s['total_params']:,d}")
