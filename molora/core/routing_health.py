@@ -21,10 +21,16 @@ The warning rules (each warned once per monitor), checked at log steps from
 :data:`CHECK_FROM` of ``max_steps`` on (earlier, routers are still near their init and a
 small window can miss an expert by chance):
 
-- still uniform: the mean over layers of ``entropy`` is >= :data:`UNIFORM_ENTROPY`;
+- still uniform (dense routers only: soft, and task without top_k): the mean over layers of
+  ``entropy`` is >= :data:`UNIFORM_ENTROPY`. Near-uniform gates then make the N experts one
+  LoRA. A sparse router (top-k, top-p) picks different experts for different tokens even when
+  its probabilities are near uniform (the choice follows small logit differences, and the
+  chosen gates are renormalized), so the rule says nothing about it and is not applied;
 - collapsed: in some layer, over all tasks' tokens, one expert takes more than
-  :data:`COLLAPSE_SHARE` of the usage, or (token routers only) an expert is dead. A task
-  router with fewer tasks than experts may leave experts unused by design, so its dead
+  :data:`COLLAPSE_SHARE` of the usage, or (token routers only) an expert is dead, at
+  :data:`COLLAPSE_CHECKS` checks in a row. The usage is read from one batch, and on a small
+  batch an expert can miss it by chance and come back at the next check; a collapse lasts. A
+  task router with fewer tasks than experts may leave experts unused by design, so its dead
   experts are reported but not warned about.
 """
 
@@ -40,6 +46,7 @@ from molora.core.log import logger
 
 __all__ = [
     "CHECK_FROM",
+    "COLLAPSE_CHECKS",
     "COLLAPSE_SHARE",
     "DEAD_SHARE",
     "UNIFORM_ENTROPY",
@@ -54,6 +61,7 @@ UNIFORM_ENTROPY = 0.98  # N=4: gates (0.29, 0.25, 0.23, 0.23) have 0.997; (0.47,
 COLLAPSE_SHARE = 0.9
 DEAD_SHARE = 0.01
 CHECK_FROM = 0.25
+COLLAPSE_CHECKS = 2  # consecutive checks (log steps) that must find the same collapse before it is warned about
 
 
 def gate_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -134,12 +142,18 @@ class RoutingHealthMonitor:
     def __init__(self, max_steps: int, *, router: str, hint: str = "") -> None:
         self.max_steps, self.router, self.hint = max_steps, router, hint
         self.warned: dict[str, str] = {}
+        self._collapse_streak = 0  # checks in a row that found a collapse
 
     def check(self, step: int, health: Mapping[str, Any]) -> list[str]:
         """The new warnings at ``step`` (each logged once, at warning level, on the ``molora`` logger)."""
         if step < CHECK_FROM * self.max_steps or not health:
             return []
-        found = {"uniform": self._uniform(step, health), "collapse": self._collapse(step, health)}
+        collapse = self._collapse(step, health)
+        self._collapse_streak = self._collapse_streak + 1 if collapse else 0
+        found = {
+            "uniform": self._uniform(step, health),
+            "collapse": collapse if self._collapse_streak >= COLLAPSE_CHECKS else None,
+        }
         new = [msg for kind, msg in found.items() if msg and kind not in self.warned]
         for kind, msg in found.items():
             if msg and kind not in self.warned:
@@ -148,6 +162,8 @@ class RoutingHealthMonitor:
         return new
 
     def _uniform(self, step: int, health: Mapping[str, Any]) -> str | None:
+        if not all(entry["all"]["dense"] for entry in health.values()):
+            return None  # sparse routing: near-uniform probabilities still pick experts per token
         s = health_summary(health)
         if s.get("entropy") is None or s["entropy"] < UNIFORM_ENTROPY:
             return None
