@@ -1,18 +1,19 @@
 """What another process, or a damaged disk, does to a run's files: hold its writer lock, edit its
-training state, put another model's optimizer state in its checkpoint. Shared by the tests and
+training state, put another model's optimizer state in its checkpoint, run out of space. Shared by the tests and
 ``scripts/probes`` (which put this folder on ``sys.path``)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["CKPT", "edit_trainer_state", "foreign_optimizer", "locked_by_another_process"]
+__all__ = ["CKPT", "edit_trainer_state", "foreign_optimizer", "locked_by_another_process", "small_disk"]
 
 CKPT = Path("checkpoints") / "step_0000002"
 """The checkpoint of a two-step run, relative to its output folder."""
@@ -59,3 +60,26 @@ def foreign_optimizer(run: Path) -> None:
     moments = state["state"][0]
     moments["exp_avg"] = torch.zeros(*moments["exp_avg"].shape[:-1], moments["exp_avg"].shape[-1] + 1)
     torch.save(state, path)
+
+
+@contextlib.contextmanager
+def small_disk(tmp: Path, size: str = "1m"):
+    """A ``size`` tmpfs at ``tmp/disk`` and a function that fills it, as ``(disk, fill)``; None
+    when this process cannot mount one (not root, or no tmpfs). Unmounted at the block's end."""
+    disk = tmp / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode:
+        yield None
+        return
+
+    def fill() -> None:
+        with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+
+    try:
+        yield disk, fill
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

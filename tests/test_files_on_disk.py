@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_CONFIG, tiny_run_overrides
-from tampering import locked_by_another_process
+from tampering import locked_by_another_process, small_disk
 from tiny_models import random_batch, tiny_llama, train_steps
 
 import molora.atomic as atomic
@@ -265,21 +265,10 @@ def full_disk(tmp_path):
     """A 1 MiB tmpfs, filled up (root only; skipped otherwise)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-
-    def fill():
-        with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
-
-    try:
-        yield disk, fill
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+    with small_disk(tmp_path, "1m") as disk:
+        if disk is None:
+            pytest.skip("cannot mount a tmpfs here")
+        yield disk
 
 
 def test_a_full_disk_is_one_clear_error_and_keeps_the_old_files(full_disk, tmp_path, capsys):

@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import torch
-from tampering import locked_by_another_process
+from tampering import locked_by_another_process, small_disk
 
 from molora import MoLoRAModel
 from probes import case, clear_exit, expect_error, run_cli
@@ -76,28 +76,6 @@ def _root() -> bool:
 
 
 @contextlib.contextmanager
-def _full_disk(tmp: Path, size: str = "1m"):
-    """A small tmpfs at ``tmp/disk`` and a function that fills it; None when not root."""
-    disk = tmp / "disk"
-    disk.mkdir()
-    if not _root() or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
-                                     capture_output=True).returncode:
-        yield None
-        return
-
-    def fill() -> None:
-        with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
-
-    try:
-        yield disk, fill
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
-
-@contextlib.contextmanager
 def _read_only(path: Path):
     """``path`` read-only: a read-only bind mount as root, else chmod a-w."""
     if not _root():
@@ -123,7 +101,7 @@ def _full_disk_case(name: str, write, *, size: str = "1m") -> None:
 
     @case("disk", f"full disk: {name}")
     def _run(tmp: Path) -> tuple[bool, str]:
-        with _full_disk(tmp, size) as disk:
+        with small_disk(tmp, size) as disk:
             if disk is None:
                 return True, "skipped: mounting a small tmpfs needs root"
             return write(*disk)
