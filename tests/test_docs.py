@@ -43,23 +43,14 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
 def _fixtures(root: Path) -> None:
     """The user's files the README names, built from config under ``root``."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from tiny_models import tiny_llama_config
+    from transformers import AutoModelForCausalLM
 
     from molora.training.tokenizer import build_byte_tokenizer
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=259,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # molora's byte tokenizer
+    config = tiny_llama_config(vocab_size=259, max_position_embeddings=256, **special)
     base_dir = root / "path" / "to" / "llama"
     AutoModelForCausalLM.from_config(config).save_pretrained(base_dir)
     build_byte_tokenizer().save_pretrained(base_dir)
