@@ -53,6 +53,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None)
 
 
+def _case_record(scores: dict[str, dict[str, float]], train_s: float) -> dict[str, Any]:
+    """A case's measurements from what a suite's ``run_case`` returns: the mean ``"eval"`` and
+    ``"test"`` metric over the tasks, the per-task values (``scores``: split -> task -> metric)
+    and the training seconds."""
+    return {
+        "eval": sum(scores["eval"].values()) / len(scores["eval"]),
+        "test": sum(scores["test"].values()) / len(scores["test"]),
+        "eval_tasks": scores["eval"],
+        "test_tasks": scores["test"],
+        "train_s": train_s,
+    }
+
+
 def _label(case: dict[str, Any]) -> str:
     """A case's task set and steps, as the table names them: ``demo@60``."""
     return f"{case['suite']}@{case['steps']}" if "steps" in case else case["suite"]
@@ -150,7 +163,7 @@ def _run_cases(suite, plan: list[tuple[str, float, float, int]], results: dict[s
         if _case_key(case) in done:
             continue
         t0 = time.perf_counter()
-        row = suite.run_case(router, ratio, aux, seed)
+        row = _case_record(*suite.run_case(router, ratio, aux, seed))
         case.update(row)
         results["cases"].append(case)
         print(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import replace
-from typing import Any
 
 __all__ = ["DemoSuite"]
 
@@ -56,12 +55,11 @@ class DemoSuite:
             self._data[seed] = (tasks, evals, make_schedule(tasks, cfg))
         return self._data[seed]
 
-    def run_case(self, router: str, ratio: float, aux: float, seed: int) -> dict[str, Any]:
+    def run_case(self, router: str, ratio: float, aux: float, seed: int) -> tuple[dict[str, dict[str, float]], float]:
         """Train the demo model of router kind ``router`` at this router lr ratio and aux weight.
 
         Returns:
-            ``{"eval": mean eval accuracy, "test": mean test accuracy, "eval_tasks",
-            "test_tasks": {task: accuracy}, "train_s"}``.
+            ``({"eval": {task: accuracy}, "test": {task: accuracy}}, training seconds)``.
         """
         from molora.apps.demo.models import RECIPE_MODELS, build_model
         from molora.apps.demo.train import accuracy, predict, train
@@ -78,10 +76,4 @@ class DemoSuite:
             for split, rows in (("eval", evals[t]), ("test", task.test)):
                 logits = predict(model, t, rows, self.collator, cfg.eval_batch_size)  # (n, C)
                 scores[split][task.name] = accuracy(logits, rows)
-        return {
-            "eval": sum(scores["eval"].values()) / len(tasks),
-            "test": sum(scores["test"].values()) / len(tasks),
-            "eval_tasks": scores["eval"],
-            "test_tasks": scores["test"],
-            "train_s": train_s,
-        }
+        return scores, train_s

@@ -116,11 +116,11 @@ class LMSuite:
         )
         return get_molora_model(copy.deepcopy(self.base), config)
 
-    def run_case(self, router: str, ratio: float, aux: float, seed: int) -> dict[str, Any]:
+    def run_case(self, router: str, ratio: float, aux: float, seed: int) -> tuple[dict[str, dict[str, float]], float]:
         """Train router kind ``router`` at this router lr ratio and aux weight; test it.
 
         Returns:
-            ``{"eval", "test": mean token accuracy, "eval_tasks", "test_tasks", "train_s"}``.
+            ``({"eval": {task: token accuracy}, "test": {task: token accuracy}}, training seconds)``.
         """
         rng = random.Random(seed)
         n_train, n_eval, n_test = self.sizes
@@ -155,13 +155,7 @@ class LMSuite:
             for t, task in enumerate(LM_TASKS):
                 for split, rows in (("eval", data[task][1]), ("test", data[task][2])):
                     scores[split][task] = self._loss(model, _collate(rows), t)[1]
-        return {
-            "eval": sum(scores["eval"].values()) / len(LM_TASKS),
-            "test": sum(scores["test"].values()) / len(LM_TASKS),
-            "eval_tasks": scores["eval"],
-            "test_tasks": scores["test"],
-            "train_s": train_s,
-        }
+        return scores, train_s
 
     @staticmethod
     def _loss(model, batch: dict[str, torch.Tensor], task: int) -> tuple[torch.Tensor, float]:
