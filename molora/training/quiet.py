@@ -41,21 +41,18 @@ def library_progress(show: bool) -> Iterator[None]:
     """datasets' and transformers' progress bars on (``show``) or off inside the block; the
     previous state is restored after it."""
     import datasets
-    from transformers.utils import logging as hf_logging
 
     if show:
         yield
         return
-    was_datasets, was_hf = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    was_datasets = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
     try:
-        yield
+        with transformers_progress(False):
+            yield
     finally:
         if was_datasets:
             datasets.enable_progress_bars()
-        if was_hf:
-            hf_logging.enable_progress_bar()
 
 
 @contextmanager
