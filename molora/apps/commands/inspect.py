@@ -67,15 +67,21 @@ def _routing_text(routing: dict[str, Any]) -> str:
     return ", " + ", ".join(parts)
 
 
-def _expert_variant(run_dir: Path) -> str:
-    """``" (DoRA)"``, ``" (PiSSA init pissa_niter_4)"`` or ``""`` (plain LoRA experts), from the
-    run's ``run_config.yaml``."""
+def _run_molora_section(run_dir: Path) -> dict[str, Any]:
+    """The ``molora`` section of the run's ``run_config.yaml`` ({} when missing or unreadable)."""
     import yaml
 
     try:
-        molora = (yaml.safe_load((run_dir / "run_config.yaml").read_text()) or {}).get("molora") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        return ""
+        section = (yaml.safe_load((run_dir / "run_config.yaml").read_text()) or {}).get("molora")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return {}
+    return section if isinstance(section, dict) else {}
+
+
+def _expert_variant(run_dir: Path) -> str:
+    """``" (DoRA)"``, ``" (PiSSA init pissa_niter_4)"`` or ``""`` (plain LoRA experts), from the
+    run's ``run_config.yaml``."""
+    molora = _run_molora_section(run_dir)
     parts = ["DoRA"] if molora.get("use_dora") is True else []
     init = molora.get("init_lora_weights")
     if isinstance(init, str) and init.startswith("pissa"):
@@ -133,14 +139,12 @@ def summarize(run_dir: Path, records: list[dict[str, Any]], eval_record: dict[st
 
 def _router(run_dir: Path) -> str | None:
     """The run's router, from summary.json or run_config.yaml (None: unknown)."""
-    import yaml
-
-    try:
-        if (run_dir / "summary.json").is_file():
+    if (run_dir / "summary.json").is_file():
+        try:
             return json.loads((run_dir / "summary.json").read_text()).get("router")
-        return (yaml.safe_load((run_dir / "run_config.yaml").read_text()) or {}).get("molora", {}).get("router")
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        return None
+        except (OSError, ValueError, AttributeError):
+            return None
+    return _run_molora_section(run_dir).get("router")
 
 
 def format_samples(run_dir: Path, width: int = 60) -> str | None:
