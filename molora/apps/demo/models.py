@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -159,6 +160,14 @@ def hydra_rank(cfg: DemoConfig) -> int:
     return max(1, round(2 * cfg.num_experts * cfg.r / (cfg.num_experts + 1)))
 
 
+EXPERT_VARIANTS: dict[str, tuple[str, dict]] = {
+    "task-dora": ("molora-task", {"use_dora": True}),
+    "task-pissa": ("molora-task", {"init_lora_weights": "pissa"}),
+    "topk-pissa": ("molora-topk", {"init_lora_weights": "pissa"}),
+}
+"""Variant form -> (the plain form it varies, the MoLoRAConfig fields it changes)."""
+
+
 def _molora_config(key: str, tasks: list[TaskData], cfg: DemoConfig):
     """The MoLoRAConfig of a MoLoRA key of :data:`MODEL_DESCRIPTIONS`, at the adapter budget of N
     experts of rank r: ``hydra-task`` takes rank :func:`hydra_rank`, ``task-shared1`` N - 1
@@ -179,9 +188,11 @@ def _molora_config(key: str, tasks: list[TaskData], cfg: DemoConfig):
         "router_aux_loss_coef": aux,
     }
     task = dict(router="task", num_tasks=len(tasks), task_names=[t.name for t in tasks])
-    if key in ("molora-task", "task-dora", "task-pissa"):
-        variant = {"task-dora": {"use_dora": True}, "task-pissa": {"init_lora_weights": "pissa"}}.get(key, {})
-        return MoLoRAConfig(top_k=cfg.task_top_k, **task, **common, **variant)
+    if key in EXPERT_VARIANTS:
+        plain, fields = EXPERT_VARIANTS[key]
+        return replace(_molora_config(plain, tasks, cfg), **fields)
+    if key == "molora-task":
+        return MoLoRAConfig(top_k=cfg.task_top_k, **task, **common)
     if key == "hydra-task":
         return MoLoRAConfig(**task, **{**common, "r": hydra_rank(cfg)}, share_lora_A=True)
     if key == "task-shared1":
@@ -190,8 +201,7 @@ def _molora_config(key: str, tasks: list[TaskData], cfg: DemoConfig):
         return MoLoRAConfig(router="topp", top_p=0.5, **common)
     if key == "molora-soft":
         return MoLoRAConfig(router="soft", **common)
-    init = {"init_lora_weights": "pissa"} if key == "topk-pissa" else {}
-    return MoLoRAConfig(router="topk", top_k=cfg.top_k, **common, **init)
+    return MoLoRAConfig(router="topk", top_k=cfg.top_k, **common)
 
 
 def trainable_parameters(model: MultitaskClassifier) -> tuple[int, int]:
